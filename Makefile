@@ -1,0 +1,35 @@
+# Two front-door commands: `make demo` and `make test`. Both work from a fresh clone.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
+export WANDB_MODE ?= offline
+# On machines without an NVIDIA GPU we install the CPU build of torch first.
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+CONSTRAINTS := $(if $(HAS_GPU),,-c constraints-cpu.txt)
+
+.PHONY: setup demo test test-fast bench clean
+
+$(VENV)/.installed: pyproject.toml constraints-cpu.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(if $(HAS_GPU),,$(PY) -m pip install -q torch==2.13.0)
+	$(PY) -m pip install -q $(CONSTRAINTS) -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(PY) scripts/demo.py
+
+test: setup
+	$(PY) -m pytest -q tests
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" tests
+
+bench: setup
+	$(PY) -m pip install -q $(CONSTRAINTS) -e '.[bench]'
+
+clean:
+	rm -rf $(VENV) .torch_extensions runs .pytest_cache
