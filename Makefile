@@ -4,17 +4,17 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 export WANDB_MODE ?= offline
-# On machines without an NVIDIA GPU we install the CPU build of torch first.
+# On machines without an NVIDIA GPU we install the CPU build of torch first: a bare `torch`
+# requirement would otherwise pull a multi-GB CUDA build. With it installed, pyproject's loose range is met.
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
-CONSTRAINTS := $(if $(HAS_GPU),,-c constraints-cpu.txt)
 
 .PHONY: setup demo test test-fast bench clean
 
-$(VENV)/.installed: pyproject.toml constraints-cpu.txt
+$(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(if $(HAS_GPU),,$(PY) -m pip install -q torch==2.13.0)
-	$(PY) -m pip install -q $(CONSTRAINTS) -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
 setup: $(VENV)/.installed
@@ -29,7 +29,7 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow" tests
 
 bench: setup
-	$(PY) -m pip install -q $(CONSTRAINTS) -e '.[bench]'
+	$(PY) -m pip install -q -e '.[bench]'
 
 clean:
 	rm -rf $(VENV) .torch_extensions runs .pytest_cache
