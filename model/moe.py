@@ -1,0 +1,247 @@
+"""Mixture-of-experts feed-forward for DeepSeek-V2/V3: SwiGLU experts, the router (gate) and the dispatch.
+
+The router follows the Hugging Face / DeepSeek math exactly:
+  scores   = softmax(logits) (V2) or sigmoid(logits) (V3), computed in float32
+  choice   = scores (+ e_score_correction_bias for 'noaux_tc'; the bias only picks experts, never weights them)
+  groups   = experts split into n_group groups; keep the topk_group best groups, scored by their max
+             ('group_limited_greedy', V2) or by the sum of their top-2 biased scores ('noaux_tc', V3)
+  topk_idx = top-k of choice within the kept groups
+  weights  = scores[topk_idx] (normalised to sum 1 if norm_topk_prob) * routed_scaling_factor
+
+Dispatch sorts the (token, slot) pairs by expert id, runs every expert once on its contiguous slice and adds
+the weighted outputs back with a single index_add: the Python loop is over experts, never over tokens.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
+SCORING_FUNCS = ("softmax", "sigmoid")
+
+
+@dataclass
+class MoEStats:
+    topk_idx: torch.Tensor  # (B, T, k) long: experts each token was sent to
+    expert_counts: torch.Tensor  # (E,) long: token-slots routed to each expert in this call
+    aux_loss: torch.Tensor  # scalar: sequence/batch-wise balance loss times its coefficient (0 when disabled)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)); used for dense layers, experts and shared experts."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoEGate(nn.Module):
+    """Router: picks `top_k` experts per token and their mixing weights (see the module docstring for the math)."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        n_routed_experts: int,
+        top_k: int,
+        *,
+        scoring_func: str = "softmax",
+        topk_method: str = "greedy",
+        n_group: int | None = None,
+        topk_group: int | None = None,
+        norm_topk_prob: bool = False,
+        routed_scaling_factor: float = 1.0,
+        aux_loss_alpha: float = 0.0,
+        seq_aux: bool = True,
+    ):
+        super().__init__()
+        if scoring_func not in SCORING_FUNCS:
+            raise ValueError(f"scoring_func={scoring_func!r} is not supported; expected one of {SCORING_FUNCS}")
+        if topk_method not in TOPK_METHODS:
+            raise ValueError(f"topk_method={topk_method!r} is not supported; expected one of {TOPK_METHODS}")
+        if not 0 < top_k <= n_routed_experts:
+            raise ValueError(f"num_experts_per_tok={top_k} must be in [1, n_routed_experts={n_routed_experts}]")
+        grouped = topk_method != "greedy"
+        if grouped:
+            if not n_group or not topk_group or n_routed_experts % n_group or topk_group > n_group:
+                raise ValueError(
+                    f"topk_method={topk_method!r} needs n_group dividing n_routed_experts and 1 <= topk_group <= "
+                    f"n_group; got n_group={n_group}, topk_group={topk_group}, n_routed_experts={n_routed_experts}"
+                )
+            if topk_group * (n_routed_experts // n_group) < top_k:
+                raise ValueError(
+                    f"topk_group={topk_group} groups of {n_routed_experts // n_group} experts cannot hold "
+                    f"num_experts_per_tok={top_k} experts"
+                )
+            if topk_method == "noaux_tc" and n_routed_experts // n_group < 2:
+                raise ValueError("topk_method='noaux_tc' scores groups by their top-2 experts: need >= 2 per group")
+        self.n_routed_experts = n_routed_experts
+        self.top_k = top_k
+        self.scoring_func = scoring_func
+        self.topk_method = topk_method
+        self.n_group = n_group if grouped else 1
+        self.topk_group = topk_group if grouped else 1
+        self.norm_topk_prob = norm_topk_prob
+        self.routed_scaling_factor = routed_scaling_factor
+        self.aux_loss_alpha = aux_loss_alpha
+        self.seq_aux = seq_aux
+        self.weight = nn.Parameter(torch.empty(n_routed_experts, hidden_size))
+        nn.init.kaiming_uniform_(self.weight, a=5**0.5)
+        if topk_method == "noaux_tc":
+            # A buffer, not a parameter: it is moved by update_bias from observed load, never by gradients.
+            self.register_buffer("e_score_correction_bias", torch.zeros(n_routed_experts, dtype=torch.float32))
+        else:
+            self.e_score_correction_bias = None
+
+    @classmethod
+    def from_config(cls, cfg) -> "MoEGate":
+        return cls(
+            cfg.hidden_size,
+            cfg.n_routed_experts,
+            cfg.num_experts_per_tok,
+            scoring_func=cfg.scoring_func,
+            topk_method=cfg.topk_method,
+            n_group=cfg.n_group,
+            topk_group=cfg.topk_group,
+            norm_topk_prob=cfg.norm_topk_prob,
+            routed_scaling_factor=cfg.routed_scaling_factor,
+            aux_loss_alpha=getattr(cfg, "aux_loss_alpha", 0.0) or 0.0,
+            seq_aux=getattr(cfg, "seq_aux", True),
+        )
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-expert affinities in float32. x (..., D) -> (..., E)."""
+        logits = F.linear(x.float(), self.weight.float())
+        return logits.softmax(dim=-1) if self.scoring_func == "softmax" else logits.sigmoid()
+
+    def select(self, scores: torch.Tensor) -> torch.Tensor:
+        """Expert ids chosen for each token. scores (N, E) float32 -> (N, k) long."""
+        choice = scores
+        if self.e_score_correction_bias is not None:
+            choice = scores + self.e_score_correction_bias.float()
+        if self.n_group > 1:
+            N, E = choice.shape
+            grouped = choice.view(N, self.n_group, E // self.n_group)  # (N, G, E/G)
+            if self.topk_method == "noaux_tc":
+                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # (N, G)
+            else:
+                group_scores = grouped.amax(dim=-1)  # (N, G)
+            keep = group_scores.topk(self.topk_group, dim=-1, sorted=False).indices  # (N, topk_group)
+            group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+            expert_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape(N, E)
+            choice = choice.masked_fill(~expert_mask, float("-inf"))
+        return choice.topk(self.top_k, dim=-1, sorted=False).indices
+
+    def weights(self, scores: torch.Tensor, topk_idx: torch.Tensor) -> torch.Tensor:
+        """Mixing weights from the unbiased scores at the chosen experts. (N, E), (N, k) -> (N, k) float32."""
+        w = scores.gather(-1, topk_idx)
+        if self.norm_topk_prob:
+            w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+        return w * self.routed_scaling_factor
+
+    def forward(
+        self, x: torch.Tensor, topk_idx: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, D); topk_idx (B, T, k) replays a previous routing instead of choosing.
+
+        Returns topk_idx (B, T, k) long, topk_weights (B, T, k) float32, aux_loss scalar.
+        """
+        B, T, _ = x.shape
+        scores = self.scores(x.reshape(B * T, -1))  # (N, E)
+        if topk_idx is None:
+            idx = self.select(scores)  # (N, k)
+        else:
+            if topk_idx.shape != (B, T, self.top_k):
+                raise ValueError(
+                    f"routing replay expects topk_idx of shape {(B, T, self.top_k)}, got {tuple(topk_idx.shape)}"
+                )
+            idx = topk_idx.reshape(B * T, self.top_k).to(device=scores.device, dtype=torch.long)
+        weights = self.weights(scores, idx)
+        aux_loss = scores.new_zeros(())
+        if self.training and self.aux_loss_alpha > 0:
+            aux_loss = self.balance_loss(scores.view(B, T, -1), idx.view(B, T, -1))
+        return idx.view(B, T, self.top_k), weights.view(B, T, self.top_k), aux_loss
+
+    def balance_loss(self, scores: torch.Tensor, topk_idx: torch.Tensor) -> torch.Tensor:
+        """alpha * sum_i f_i * P_i, per sequence (seq_aux) or over the whole batch.
+
+        f_i = E / (k * T) * (slots routed to expert i); P_i = mean over tokens of the affinity normalised over
+        experts (a no-op for softmax; sigmoid scores are divided by their sum, as in the DeepSeek-V3 paper).
+        scores (B, T, E) float32, topk_idx (B, T, k).
+        """
+        B, T, E = scores.shape
+        probs = scores / scores.sum(dim=-1, keepdim=True) if self.scoring_func == "sigmoid" else scores
+        if not self.seq_aux:
+            probs, topk_idx, B, T = probs.reshape(1, B * T, E), topk_idx.reshape(1, B * T, -1), 1, B * T
+        hits = torch.zeros(B, E, device=scores.device, dtype=scores.dtype)
+        hits.scatter_add_(1, topk_idx.reshape(B, -1), torch.ones_like(topk_idx.reshape(B, -1), dtype=scores.dtype))
+        f = hits * (E / (self.top_k * T))  # (B, E): 1.0 everywhere when perfectly balanced
+        P = probs.mean(dim=1)  # (B, E)
+        return (f * P).sum(dim=-1).mean() * self.aux_loss_alpha
+
+
+class MoE(nn.Module):
+    """Routed experts + shared experts. forward(x, topk_idx=None) -> (y, MoEStats)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        if getattr(cfg, "hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act={cfg.hidden_act!r} is not supported; only 'silu' (SwiGLU)")
+        self.n_routed_experts = cfg.n_routed_experts
+        self.gate = MoEGate.from_config(cfg)
+        self.experts = nn.ModuleList(
+            MLP(cfg.hidden_size, cfg.moe_intermediate_size) for _ in range(cfg.n_routed_experts)
+        )
+        n_shared = cfg.n_shared_experts or 0
+        self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * n_shared) if n_shared else None
+
+    def forward(self, x: torch.Tensor, topk_idx: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEStats]:
+        B, T, D = x.shape
+        topk_idx, topk_weights, aux_loss = self.gate(x, topk_idx)  # (B, T, k) each
+        routed, counts = self.dispatch(x.reshape(B * T, D), topk_idx.reshape(B * T, -1), topk_weights)
+        y = routed.view(B, T, D)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y, MoEStats(topk_idx=topk_idx, expert_counts=counts, aux_loss=aux_loss)
+
+    def dispatch(
+        self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (N, D), topk_idx (N, k), topk_weights (N, k) -> (sum_k w * expert(x) (N, D), counts (E,) long)."""
+        N, k = topk_idx.shape
+        flat_idx = topk_idx.reshape(-1)  # (N*k,)
+        counts = torch.bincount(flat_idx, minlength=self.n_routed_experts)  # (E,)
+        order = flat_idx.argsort(stable=True)  # slots grouped by expert
+        token_of_slot = order // k  # (N*k,)
+        xs = x.index_select(0, token_of_slot)  # (N*k, D) contiguous per expert; backward is an index_add
+        ws = topk_weights.reshape(-1).index_select(0, order).to(x.dtype)  # (N*k,)
+        outs, start = [], 0
+        for e, n in enumerate(counts.tolist()):  # one host sync; experts with no tokens cost nothing
+            if n:
+                outs.append(self.experts[e](xs[start : start + n]))
+                start += n
+        if not outs:
+            return torch.zeros_like(x), counts
+        ys = torch.cat(outs) * ws.unsqueeze(-1)  # (N*k, D)
+        return torch.zeros_like(x).index_add_(0, token_of_slot, ys), counts
+
+
+@torch.no_grad()
+def update_bias(gate: MoEGate, expert_counts: torch.Tensor, gamma: float) -> None:
+    """Auxiliary-loss-free balancing (DeepSeek-V3): raise the bias of under-loaded experts, lower over-loaded ones.
+
+    bias += gamma * sign(mean_load - load). expert_counts (E,) are the tokens routed to each expert (summed over
+    whatever window / data-parallel ranks the caller wants to balance).
+    """
+    if gate.e_score_correction_bias is None:
+        raise ValueError(f"update_bias needs topk_method='noaux_tc' (a router with a bias); got {gate.topk_method!r}")
+    load = expert_counts.to(device=gate.e_score_correction_bias.device, dtype=torch.float32)
+    if load.shape != gate.e_score_correction_bias.shape:
+        raise ValueError(f"expert_counts has shape {tuple(load.shape)}, expected ({gate.n_routed_experts},)")
+    gate.e_score_correction_bias += gamma * torch.sign(load.mean() - load)
