@@ -221,11 +221,10 @@ class MoE(nn.Module):
         token_of_slot = order // k  # (N*k,)
         xs = x.index_select(0, token_of_slot)  # (N*k, D) contiguous per expert; backward is an index_add
         ws = topk_weights.reshape(-1).index_select(0, order).to(x.dtype)  # (N*k,)
-        outs, start = [], 0
-        for e, n in enumerate(counts.tolist()):  # one host sync; experts with no tokens cost nothing
-            if n:
-                outs.append(self.experts[e](xs[start : start + n]))
-                start += n
+        # One host sync for the slice sizes. split (not slicing) keeps the backward a single cat instead of one
+        # full-size zero-filled gradient per expert; experts with no tokens are never called.
+        sizes = counts.tolist()
+        outs = [self.experts[e](chunk) for e, chunk in enumerate(xs.split(sizes)) if sizes[e]]
         if not outs:
             return torch.zeros_like(x), counts
         ys = torch.cat(outs) * ws.unsqueeze(-1)  # (N*k, D)

@@ -168,12 +168,15 @@ def test_bias_update_moves_skewed_router_toward_balance():
         counts = moe(x)[1].expert_counts.float()
         return (counts.std(unbiased=False) / counts.mean()).item()
 
-    cv_before = load_cv()
-    for _ in range(60):
-        update_bias(moe.gate, moe(x)[1].expert_counts, gamma=0.01)
-    cv_after = load_cv()
-    assert cv_before > 1.0, cv_before
-    assert cv_after < 0.3 * cv_before, (cv_before, cv_after)
+    with torch.no_grad():
+        cv_before = load_cv()
+        cvs = []
+        for _ in range(150):  # sign updates oscillate by about gamma at the end, so average the last few
+            update_bias(moe.gate, moe(x)[1].expert_counts, gamma=0.003)
+            cvs.append(load_cv())
+    cv_after = sum(cvs[-10:]) / 10
+    assert cv_before > 1.5, cv_before  # experts 0 and 1 take every token
+    assert cv_after < 0.25 * cv_before, (cv_before, cv_after)
 
 
 def test_update_bias_needs_noaux_router():

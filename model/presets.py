@@ -1,0 +1,87 @@
+"""Named model shapes for random-init models (tests, demos, benchmarks). Values use Hugging Face config.json names.
+
+`w1` is the benchmark model used across the project (about 9M parameters); `tiny` is for fast tests.
+Both use a character vocabulary whose special tokens come first: <pad>=0, <bos>=1, <eos>=2, <unk>=3.
+"""
+
+import copy
+
+_SPECIAL_IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+PRESETS: dict[str, dict] = {
+    "tiny": dict(
+        model_type="deepseek_v3",
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        q_lora_rank=32,
+        kv_lora_rank=16,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=1,
+        topk_method="noaux_tc",
+        scoring_func="sigmoid",
+        norm_topk_prob=True,
+        routed_scaling_factor=1.0,
+        first_k_dense_replace=1,
+        moe_layer_freq=1,
+        hidden_act="silu",
+        attention_bias=False,
+        rope_theta=10000.0,
+        rope_scaling=None,
+        max_position_embeddings=1024,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        **_SPECIAL_IDS,
+    ),
+    "w1": dict(
+        model_type="deepseek_v3",
+        vocab_size=300,
+        hidden_size=256,
+        intermediate_size=768,
+        moe_intermediate_size=192,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        q_lora_rank=128,
+        kv_lora_rank=64,
+        qk_nope_head_dim=32,
+        qk_rope_head_dim=16,
+        v_head_dim=32,
+        n_routed_experts=16,
+        n_shared_experts=1,
+        num_experts_per_tok=4,
+        n_group=4,
+        topk_group=2,
+        topk_method="noaux_tc",
+        scoring_func="sigmoid",
+        norm_topk_prob=True,
+        routed_scaling_factor=1.0,
+        first_k_dense_replace=1,
+        moe_layer_freq=1,
+        hidden_act="silu",
+        attention_bias=False,
+        rope_theta=10000.0,
+        rope_scaling=None,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        **_SPECIAL_IDS,
+    ),
+}
+
+
+def preset(name: str) -> dict:
+    """A fresh copy of a preset's config dict (safe to modify)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+    return copy.deepcopy(PRESETS[name])
