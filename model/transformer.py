@@ -1,0 +1,223 @@
+"""DeepSeek-V2/V3 decoder-only language model: embeddings -> N x (MLA, dense MLP or MoE) -> RMSNorm -> lm_head.
+
+Parameter names are exactly those of transformers' DeepseekV2/V3ForCausalLM checkpoints, so state dicts move
+between the two without renaming. The forward takes an explicit LatentCache for decoding, derives positions from
+a left-padded attention mask, and can return per-token log-probs of given targets without ever holding the whole
+(B, T, V) float32 log-softmax.
+"""
+
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .cache import LatentCache
+from .config import ModelConfig
+from .mla import MLA
+from .moe import MLP, MoE, MoEStats, update_bias
+from .norm import RMSNorm
+from .rope import RotaryEmbedding
+
+__all__ = ["CausalLMOutput", "DecoderLayer", "DeepseekForCausalLM", "RMSNorm"]
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor | None = None  # (B, T, V), None when target_ids were given
+    logprobs: torch.Tensor | None = None  # (B, T) float32 log p(target_ids) at `temperature`
+    entropy: torch.Tensor | None = None  # (B, T) float32, when compute_entropy
+    routing: list[torch.Tensor] | None = None  # per MoE layer (B, T, k) expert ids, when return_routing
+    aux_loss: torch.Tensor | None = None  # scalar: sum of the MoE layers' balance losses (0 when disabled)
+    expert_counts: list[torch.Tensor] = field(default_factory=list)  # per MoE layer (n_routed_experts,) long
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.self_attn = MLA(cfg)
+        self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    @property
+    def is_moe(self) -> bool:
+        return isinstance(self.mlp, MoE)
+
+    def forward(self, h, cos, sin, mask, cache=None, topk_idx=None, absorb=False):
+        """h (B, T, D) -> (h (B, T, D), MoEStats or None for a dense layer)."""
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, cache, self.layer_idx, absorb)
+        x = self.post_attention_layernorm(h)
+        if self.is_moe:
+            y, stats = self.mlp(x, topk_idx)
+            return h + y, stats
+        return h + self.mlp(x), None
+
+
+class DeepseekModel(nn.Module):
+    """The `model.` prefix of the checkpoint names: embeddings, decoder layers, final norm."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class DeepseekForCausalLM(nn.Module):
+    # Decoding steps of up to this many new tokens use the absorbed attention (cost ~ T*S*C instead of S*C*H*D).
+    absorb_max_tokens: int = 32
+    # Target log-probs are computed over chunks of the sequence holding about this many logits each.
+    logprob_chunk_elems: int = 1 << 24
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = DeepseekModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling,
+                                      cfg.max_position_embeddings)
+        self.gradient_checkpointing = False
+        self.apply(self._init_weights)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, 0.0, std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
+        elif isinstance(module, MoE):
+            nn.init.normal_(module.gate.weight, 0.0, std)
+
+    @property
+    def moe_layers(self) -> list[MoE]:
+        return [layer.mlp for layer in self.model.layers if layer.is_moe]
+
+    def gradient_checkpointing_enable(self) -> None:
+        self.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.gradient_checkpointing = False
+
+    @torch.no_grad()
+    def update_router_bias(self, expert_counts: list[torch.Tensor], gamma: float) -> None:
+        """Auxiliary-loss-free balancing: per MoE layer, bias += gamma * sign(mean_load - load)."""
+        moe_layers = self.moe_layers
+        if len(expert_counts) != len(moe_layers):
+            raise ValueError(f"expert_counts has {len(expert_counts)} entries; the model has {len(moe_layers)} MoE layers")
+        for moe, counts in zip(moe_layers, expert_counts):
+            update_bias(moe.gate, counts, gamma)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: LatentCache | None = None,
+        *,
+        target_ids: torch.Tensor | None = None,
+        temperature: float = 1.0,
+        routing: list[torch.Tensor] | None = None,
+        return_routing: bool = False,
+        compute_entropy: bool = False,
+        absorb: bool | None = None,
+    ) -> "CausalLMOutput":
+        """input_ids (B, T); attention_mask (B, cached + T), 1 real / 0 pad (left padding), or None for all real."""
+        B, T = input_ids.shape
+        device = input_ids.device
+        past = cache.length if cache is not None else 0
+        S = past + T
+        if absorb is None:
+            absorb = cache is not None and T <= self.absorb_max_tokens
+        moe_layers = self.moe_layers
+        if routing is not None and len(routing) != len(moe_layers):
+            raise ValueError(f"routing has {len(routing)} entries; the model has {len(moe_layers)} MoE layers")
+
+        # Positions count real tokens only, so a left-padded row matches the same row without padding.
+        if attention_mask is not None:
+            if attention_mask.shape != (B, S):
+                raise ValueError(
+                    f"attention_mask must cover cached + new tokens: expected {(B, S)}, got {tuple(attention_mask.shape)}"
+                )
+            attention_mask = attention_mask.to(device)
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
+        else:
+            positions = torch.arange(past, S, device=device).expand(B, T)
+        mask = None  # None: plain causal attention over exactly the T new tokens
+        if attention_mask is not None or past > 0 or absorb:
+            q_pos = torch.arange(past, S, device=device)
+            k_pos = torch.arange(S, device=device)
+            allowed = k_pos[None, :] <= q_pos[:, None]  # (T, S) causal
+            if attention_mask is not None:
+                # A padding query may still see itself, so its (ignored) row stays finite: no NaN reaches backward.
+                allowed = (allowed & attention_mask.bool()[:, None, :]) | (k_pos[None, :] == q_pos[:, None])
+            mask = allowed.expand(B, T, S).unsqueeze(1)  # (B, 1, T, S)
+
+        cos, sin = self.rotary(positions)  # (B, T, Dr/2) each
+        h = self.model.embed_tokens(input_ids)
+        stats: list[MoEStats] = []
+        for layer in self.model.layers:
+            topk_idx = routing[len(stats)] if routing is not None and layer.is_moe else None
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None:
+                h, s = checkpoint(layer, h, cos, sin, mask, None, topk_idx, absorb, use_reentrant=False)
+            else:
+                h, s = layer(h, cos, sin, mask, cache, topk_idx, absorb)
+            if s is not None:
+                stats.append(s)
+        if cache is not None:
+            cache.advance(T)
+        h = self.model.norm(h)
+
+        out = CausalLMOutput(
+            routing=[s.topk_idx for s in stats] if return_routing else None,
+            aux_loss=sum((s.aux_loss for s in stats), h.new_zeros((), dtype=torch.float32)),
+            expert_counts=[s.expert_counts for s in stats],
+        )
+        if target_ids is None:
+            out.logits = self.lm_head(h)
+            if compute_entropy:
+                _, out.entropy = _chunk_logprobs(self.lm_head, h, None, temperature, True)
+        else:
+            out.logprobs, out.entropy = self.target_logprobs(h, target_ids, temperature, compute_entropy)
+        return out
+
+    def target_logprobs(
+        self, h: torch.Tensor, target_ids: torch.Tensor, temperature: float = 1.0, compute_entropy: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """h (B, T, D) final hidden states -> log p(target) (B, T) [, entropy (B, T)], chunked over T.
+
+        Each chunk calls lm_head as a module (so ZeRO-3 gathers its weight) and, when gradients flow, is
+        checkpointed: only h is kept for backward and the chunk's logits are recomputed there.
+        """
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0 for log-probs, got {temperature}")
+        B, T, _ = h.shape
+        if target_ids.shape != (B, T):
+            raise ValueError(f"target_ids must have shape {(B, T)}, got {tuple(target_ids.shape)}")
+        chunk = max(1, self.logprob_chunk_elems // (B * self.config.vocab_size))
+        fn = partial(_chunk_logprobs, self.lm_head, temperature=temperature, compute_entropy=compute_entropy)
+        grad = torch.is_grad_enabled() and h.requires_grad
+        logprobs, entropy = [], []
+        for s in range(0, T, chunk):
+            args = (h[:, s : s + chunk], target_ids[:, s : s + chunk])
+            lp, ent = checkpoint(fn, *args, use_reentrant=False) if grad else fn(*args)
+            logprobs.append(lp)
+            entropy.append(ent)
+        return torch.cat(logprobs, dim=1), torch.cat(entropy, dim=1) if compute_entropy else None
+
+
+def _chunk_logprobs(lm_head: nn.Module, h, targets, temperature: float, compute_entropy: bool):
+    logits = lm_head(h).float() / temperature  # (B, t, V)
+    logz = logits.logsumexp(dim=-1)  # (B, t)
+    logprobs = None
+    if targets is not None:
+        logprobs = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logz
+    entropy = None
+    if compute_entropy:
+        entropy = logz - (torch.softmax(logits, dim=-1) * logits).sum(dim=-1)
+    return logprobs, entropy
