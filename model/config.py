@@ -21,11 +21,19 @@ TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 YARN_KEYS = {"factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
              "attention_factor", "truncate"}
 
-# Keys with no effect on the maths of this implementation (bookkeeping, or features that only matter elsewhere).
+# Keys with no effect on the maths of this implementation: bookkeeping, transformers' generic PretrainedConfig
+# fields (written out in full by `to_dict()`), and generation defaults that older configs carry.
 KNOWN_METADATA = {
     "architectures", "auto_map", "torch_dtype", "dtype", "transformers_version", "_name_or_path", "use_cache",
     "output_router_logits", "output_attentions", "output_hidden_states", "return_dict", "ep_size",
-    "router_aux_loss_coef", "is_decoder", "tie_encoder_decoder", "id2label", "label2id",
+    "id2label", "label2id", "chunk_size_feed_forward", "problem_type", "torchscript", "tokenizer_class",
+    "task_specific_params", "finetuning_task", "prefix", "sep_token_id", "decoder_start_token_id",
+    "tf_legacy_loss", "use_bfloat16", "is_decoder", "tie_encoder_decoder", "cross_attention_hidden_size",
+    "max_length", "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups", "diversity_penalty",
+    "temperature", "top_k", "top_p", "typical_p", "repetition_penalty", "length_penalty", "no_repeat_ngram_size",
+    "encoder_no_repeat_ngram_size", "bad_words_ids", "num_return_sequences", "output_scores",
+    "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
+    "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
 }
 # Keys that are fine only at the value that means "nothing special": key -> (accepted values, why).
 NEUTRAL_ONLY = {
@@ -34,6 +42,9 @@ NEUTRAL_ONLY = {
     "pretraining_tp": ((1, None), "tensor-parallel pretraining emulation is not implemented"),
     "quantization_config": ((None,), "quantised (e.g. fp8) checkpoints are not supported; dequantise to bf16 first"),
     "use_sliding_window": ((False, None), "sliding-window attention is not implemented"),
+    "is_encoder_decoder": ((False, None), "encoder-decoder models are not supported"),
+    "add_cross_attention": ((False, None), "cross-attention is not supported"),
+    "pruned_heads": (({}, None), "pruned attention heads are not supported"),
 }
 
 
