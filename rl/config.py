@@ -23,7 +23,6 @@ from typing import Any, Literal
 import yaml
 
 _UNION_ORIGINS = (typing.Union, types.UnionType)
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "gspo")
 NAMED_TEMPLATES = ("r1_zero", "chat")
 DEFAULT_PROMPTS_PER_STEP = 4
 
@@ -162,7 +161,6 @@ class Config:
     logging: LoggingSection = field(default_factory=LoggingSection)
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Secrets
 
 _SECRET_KEY = re.compile(r"(api[_-]?key|secret|password|passwd|credential)|(^|[_-])token$", re.IGNORECASE)
@@ -182,7 +180,6 @@ def strip_secrets(value: Any) -> Any:
     return value
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Loading
 
 def load_config(
@@ -190,7 +187,8 @@ def load_config(
 ) -> Config:
     """Recipe YAML (None = all defaults) + `key.sub=value` overrides -> validated Config.
 
-    Override values are parsed as YAML scalars/flow values (`3`, `1e-6`, `null`, `[a, b]`). `check_paths=False`
+    Override values are parsed as YAML scalars/flow values (`3`, `1e-6`, `null`, `[a, b]`), except for text fields,
+    which take the text verbatim (`data.template=Q: {prompt}`). `check_paths=False`
     skips the file-system checks (model / data paths must exist), for tools that build those files first.
     """
     raw: Any = {}
@@ -391,7 +389,6 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     raise ConfigError(f"config '{where}' expects {_type_name(tp)}; got {value!r} ({type(value).__name__})")
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Validation (the one place for cross-field rules)
 
 def _looks_local(path: str) -> bool:

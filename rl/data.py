@@ -44,7 +44,6 @@ class DataError(ValueError):
     """A dataset that cannot be used as configured; the message says what was found."""
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Loading
 
 def load_rows(source: str, config_name: str | None = None, split: str = "train"):
@@ -92,7 +91,6 @@ def _data_files(path: Path) -> list[str]:
     return sorted(glob.glob(str(path)))
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Templates
 
 def render_prompt(prompt: str, template: str, tokenizer: Any = None, system_prompt: str | None = None) -> str:
@@ -151,7 +149,6 @@ def prepare_examples(
     return examples, dropped
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Sampling
 
 class PromptSampler:
