@@ -1,0 +1,400 @@
+"""Math answers: find the final answer in a completion, decide whether it equals the gold answer.
+
+`verify(gold, prediction)` is the whole grader; `math_accuracy` is the reward built on it.
+
+Where the answer is taken from, in order:
+  prediction: the last <answer>…</answer> (its last \\boxed{} if it has one), else the last \\boxed{…} (nested braces
+              fine), else a "final answer is …" / "answer: …" phrase, else the whole text if it parses as an answer,
+              else the last number in the text.
+  gold:       the text after the last `####` (GSM8K), else the last \\boxed{…}, else the whole text.
+
+When two answers are equal (see tests/rewards/test_rewards_math.py for the table):
+  * same text after normalisation (case, spaces, \\text{}, \\left/\\right, $, trailing period);
+  * numbers: exact rational comparison (1,234 = 1234; 0.5 = 1/2 = \\frac{1}{2} = \\dfrac12; 1.5e3 = 1500);
+    when either side is written with a decimal point the relative tolerance is 1e-6, so 0.3333333 = 1/3 but
+    0.33 != 1/3 and 0.333 != 1/3; irrational values (\\sqrt, \\pi, e, logs) compare as floats to 1e-9 relative;
+  * a percentage `p%` also equals p/100 on the other side (50% = 50 = 0.5; 50 != 0.5);
+  * units and words around numbers are dropped (5 cm = 5, \\$1,000 = 1000, 30^\\circ = 30), `x = 3` = 3;
+  * expressions with variables: equal at three random rational points (exactly where arithmetic stays rational),
+    with sympy's simplify of the difference as a fallback for small expressions that cannot be evaluated there;
+  * tuples and intervals are ordered and keep their brackets ((1,2) != (2,1), [1,2) != (1,2)); sets `\\{…\\}` and bare
+    lists `1, 2` are unordered; a bare list also matches a tuple in order; inequalities on one variable equal the
+    interval they describe (x > 3 = (3, \\infty)); matrices compare cell by cell (a one-row or one-column matrix also
+    matches a tuple).
+Nothing here evaluates model text as code; see math_parse for the bounds on every input.
+"""
+
+import re
+from fractions import Fraction
+from functools import lru_cache
+
+from rewards import math_parse as mp
+from rewards.registry import reward
+
+DECIMAL_REL_TOL = 1e-6
+FLOAT_REL_TOL = 1e-9
+_ABS_TOL = 1e-12
+_MAX_SYMPY_NODES = 60
+# A final answer sits at the end: markers are searched for in the last MAX_SCAN_CHARS characters only.
+MAX_SCAN_CHARS = 100_000
+
+# --- extraction -----------------------------------------------------------------------------------------------------
+
+_BRACE_RE = re.compile(r"\\(?:boxed|fbox)\s*\{|\\[{}]|[{}]")
+_BOXED_BARE_RE = re.compile(r"\\boxed +([^\s{}$]+)")
+_PHRASE_RE = re.compile(r"(?:final answer|the answer)\s*(?:is|:|=)\s*:?\s*([^\n]{1,200})", re.IGNORECASE)
+_NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last complete \\boxed{…} (outermost if nested), one linear pass over the text's tail."""
+    start = text.find("\\boxed", max(0, len(text) - MAX_SCAN_CHARS))
+    fbox = text.find("\\fbox", max(0, len(text) - MAX_SCAN_CHARS))
+    if start < 0 and fbox < 0:
+        return None
+    text = text[min(i for i in (start, fbox) if i >= 0):]
+    stack: list[tuple[bool, int]] = []
+    boxed_open = 0
+    best = None
+    for m in _BRACE_RE.finditer(text):
+        tok = m.group(0)
+        if tok in ("\\{", "\\}"):
+            continue
+        if tok == "}":
+            if stack:
+                is_boxed, start = stack.pop()
+                if is_boxed:
+                    boxed_open -= 1
+                    if boxed_open == 0:
+                        best = (start, m.start())
+        else:
+            is_boxed = tok != "{"
+            boxed_open += is_boxed
+            stack.append((is_boxed, m.end()))
+    bare = None
+    for m in _BOXED_BARE_RE.finditer(text):
+        bare = m
+    if bare is not None and (best is None or bare.start() > best[1]):
+        return bare.group(1)
+    return text[best[0]:best[1]] if best is not None else None
+
+
+def extract_answer(text: str) -> str | None:
+    """The answer a completion marks as final (answer tag, \\boxed, or an 'answer is' phrase), else None."""
+    start = text.rfind("<answer>")
+    if start >= 0:
+        end = text.find("</answer>", start)
+        if end >= 0:
+            inner = text[start + len("<answer>"):end]
+            boxed = last_boxed(inner)
+            return (boxed if boxed is not None else inner).strip()
+    boxed = last_boxed(text)
+    if boxed is not None:
+        return boxed.strip()
+    phrase = None
+    for m in _PHRASE_RE.finditer(text, max(0, len(text) - MAX_SCAN_CHARS)):
+        phrase = m
+    if phrase is not None:
+        return phrase.group(1).strip().rstrip(".").strip()
+    return None
+
+
+def extract_gsm8k_gold(text: str) -> str:
+    """The final answer of a GSM8K solution: '… #### 1,234' -> '1234'."""
+    pos = text.rfind("####")
+    if pos < 0:
+        raise ValueError(f"no '####' final-answer marker in GSM8K solution {text[-80:]!r}")
+    answer = text[pos + 4:].strip().splitlines()
+    if not answer or not answer[0].strip():
+        raise ValueError(f"nothing after '####' in GSM8K solution {text[-80:]!r}")
+    answer = answer[0].strip().replace("$", "").rstrip(".").strip()
+    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", answer):
+        answer = answer.replace(",", "")
+    return answer
+
+
+def gold_answer(gold: str) -> str:
+    if "####" in gold:
+        return extract_gsm8k_gold(gold)
+    boxed = last_boxed(gold) if "\\boxed" in gold or "\\fbox" in gold else None
+    return (boxed if boxed is not None else gold).strip()
+
+
+# --- parsing (cached: a gold answer is graded once per sampled completion) -------------------------------------------
+
+_NORM_RE = re.compile(r"\\(?:text|textbf|mathrm|mbox|textnormal)\b|\\left|\\right|\\!|\\,|\\;|[\s{}$]")
+
+
+def _norm_string(text: str) -> str:
+    return _NORM_RE.sub("", mp.clean(text)).lower()
+
+
+@lru_cache(maxsize=8192)
+def _parse(text: str):
+    """Tree for an answer string, or None when it cannot be parsed (or is over a bound)."""
+    if len(text) > mp.MAX_CHARS:
+        return None
+    try:
+        return mp.parse(mp.clean(text))
+    except mp.AnswerError:
+        return None
+    except RecursionError:
+        return None
+
+
+# --- equality -------------------------------------------------------------------------------------------------------
+
+_STRUCTURE = {"rel", "seq", "set", "list", "union", "matrix", "text"}
+# Three points per symbol (symbol k of a comparison gets column k); rationals keep polynomial checks exact.
+_POINTS = [
+    [Fraction(p, q) for p, q in ((7, 11), (13, 17), (19, 23), (29, 31), (37, 41), (43, 47), (53, 59), (61, 67))],
+    [Fraction(p, q) for p, q in ((23, 13), (31, 19), (41, 29), (47, 37), (59, 43), (67, 53), (73, 61), (83, 71))],
+    [Fraction(p, q) for p, q in ((5, 3), (11, 7), (3, 2), (17, 13), (9, 5), (19, 11), (25, 14), (27, 16))],
+]
+
+
+def _close(a, b, rel: float) -> bool | None:
+    if isinstance(a, Fraction) and isinstance(b, Fraction):
+        if a == b:
+            return True
+        return rel > 0 and abs(a - b) <= rel * max(abs(a), abs(b))
+    try:
+        ca, cb = complex(a), complex(b)
+    except OverflowError:
+        return None
+    if ca != ca or cb != cb:  # nan
+        return None
+    inf_a = abs(ca) == float("inf")
+    inf_b = abs(cb) == float("inf")
+    if inf_a or inf_b:
+        return inf_a and inf_b and ca.real == cb.real and (ca.imag == cb.imag or ca.imag == 0 == cb.imag)
+    scale = max(abs(ca), abs(cb))
+    return abs(ca - cb) <= max(max(rel, FLOAT_REL_TOL) * scale, _ABS_TOL)
+
+
+def _equal_values(g, p, rel, g_percent, p_percent) -> bool | None:
+    result = _close(g, p, rel)
+    if result:
+        return True
+    if g_percent and _close(g / 100, p, rel):
+        return True
+    if p_percent and _close(g, p / 100, rel):
+        return True
+    return result
+
+
+def _equal_expr(g, p) -> bool:
+    if g[0] in _STRUCTURE or p[0] in _STRUCTURE:
+        return False
+    rel = DECIMAL_REL_TOL if mp.has_decimal(g) or mp.has_decimal(p) else 0.0
+    symbols = sorted(mp.symbols_of(g) | mp.symbols_of(p))
+    if len(symbols) > len(_POINTS[0]):
+        return False
+    g_percent, p_percent = mp.has_tag(g, {"percent"}), mp.has_tag(p, {"percent"})
+    checked = 0
+    for point in _POINTS if symbols else _POINTS[:1]:
+        env = dict(zip(symbols, point))
+        try:
+            gv, pv = mp.evaluate(g, env), mp.evaluate(p, env)
+        except mp.TooLarge:
+            return False
+        except mp.EvalError:
+            continue
+        verdict = _equal_values(gv, pv, rel, g_percent, p_percent)
+        if verdict is False:
+            return False
+        if verdict:
+            checked += 1
+    if checked:
+        return True
+    return _equal_sympy(g, p)
+
+
+_ALGEBRAIC = {"num", "sym", "const", "add", "sub", "mul", "div", "neg", "pow", "percent"}
+
+
+def _algebraic(node) -> bool:
+    """Rational operations and small integer powers only: what simplify handles in predictable time."""
+    if node[0] not in _ALGEBRAIC:
+        return False
+    if node[0] == "pow" and not (node[2][0] == "num" and node[2][1].denominator == 1 and abs(node[2][1]) <= 20):
+        return False
+    return all(_algebraic(part) for part in node[1:] if isinstance(part, tuple))
+
+
+def _equal_sympy(g, p) -> bool:
+    """Last resort for small algebraic expressions with variables that the numeric check could not evaluate."""
+    if mp.size(g) + mp.size(p) > _MAX_SYMPY_NODES or not (mp.symbols_of(g) | mp.symbols_of(p)):
+        return False
+    if not (_algebraic(g) and _algebraic(p)):
+        return False
+    try:
+        import sympy
+
+        diff = mp.to_sympy(g) - mp.to_sympy(p)
+        return sympy.simplify(diff) == 0
+    except Exception:  # sympy raises many kinds of errors on odd input; undecided means not equal
+        return False
+
+
+def _rhs(node):
+    """The value an equation chain states: `x = 3` -> 3, `2 + 3 = 5` -> 5."""
+    return node[2][-1] if node[0] == "rel" and all(op == "=" for op in node[1]) else None
+
+
+def _interval(node):
+    """(lo, hi, lo_closed, hi_closed) for `(a, b]`-style sequences and one-variable inequalities, else None."""
+    inf = ("const", "inf")
+    if node[0] == "seq" and len(node[3]) == 2:
+        return (node[3][0], node[3][1], node[1] == "[", node[2] == "]")
+    if node[0] != "rel" or any(op not in ("<", ">", "<=", ">=") for op in node[1]):
+        return None
+    ops, sides = node[1], node[2]
+    if len(ops) == 1:
+        a, b = sides
+        op = ops[0]
+        if a[0] == "sym" and b[0] != "sym":
+            var_left = True
+        elif b[0] == "sym" and a[0] != "sym":
+            var_left, (a, b) = False, (b, a)
+            op = {"<": ">", ">": "<", "<=": ">=", ">=": "<="}[op]
+        else:
+            return None
+        if op in ("<", "<="):
+            return (("neg", inf), b, False, op == "<=")
+        return (b, inf, op == ">=", False)
+    if len(ops) == 2 and sides[1][0] == "sym" and all(o in ("<", "<=") for o in ops):
+        return (sides[0], sides[2], ops[0] == "<=", ops[1] == "<=")
+    if len(ops) == 2 and sides[1][0] == "sym" and all(o in (">", ">=") for o in ops):
+        return (sides[2], sides[0], ops[1] == ">=", ops[0] == ">=")
+    return None
+
+
+def _equal_interval(a, b) -> bool:
+    return a[2] == b[2] and a[3] == b[3] and _equal(a[0], b[0]) and _equal(a[1], b[1])
+
+
+def _equal_unordered(gs: list, ps: list) -> bool:
+    if len(gs) != len(ps):
+        return False
+    remaining = list(ps)
+    for g in gs:
+        for j, p in enumerate(remaining):
+            if _equal(g, p):
+                del remaining[j]
+                break
+        else:
+            return False
+    return True
+
+
+def _equal_ordered(gs: list, ps: list) -> bool:
+    return len(gs) == len(ps) and all(_equal(g, p) for g, p in zip(gs, ps))
+
+
+def _cells(node):
+    """A matrix's cells as a flat list when it is one row or one column, else None."""
+    rows = node[1]
+    if len(rows) == 1:
+        return rows[0]
+    if all(len(r) == 1 for r in rows):
+        return [r[0] for r in rows]
+    return None
+
+
+def _equal(g, p) -> bool:
+    tg, tp = g[0], p[0]
+    if tg == "text" or tp == "text":
+        return tg == tp and _norm_string(g[1]) == _norm_string(p[1])
+    if tg == "rel" or tp == "rel":
+        if tg == "rel" and tp == "rel":
+            if g[1] == p[1] == ("=",) and g[2][0][0] == "sym" and p[2][0][0] == "sym":
+                return g[2][0][1] == p[2][0][1] and _equal(g[2][1], p[2][1])
+            if g[1] == p[1] and len(g[2]) == len(p[2]) and all(map(_equal, g[2], p[2])):
+                return True
+            gi, pi = _interval(g), _interval(p)
+            if gi is not None and pi is not None:
+                return _equal_interval(gi, pi)
+            if g[1] == p[1] == ("=",):  # a = b vs c = d: same equation up to sides and sign
+                dg = ("sub", g[2][0], g[2][1])
+                return _equal_expr(dg, ("sub", p[2][0], p[2][1])) or _equal_expr(dg, ("sub", p[2][1], p[2][0]))
+            return False
+        rel, other = (g, p) if tg == "rel" else (p, g)
+        value = _rhs(rel)
+        if value is not None:
+            return _equal(value, other) if tg == "rel" else _equal(other, value)
+        ri, oi = _interval(rel), _interval(other)
+        return ri is not None and oi is not None and other[0] == "seq" and _equal_interval(ri, oi)
+    if tg in ("set", "list") and tp in ("set", "list"):
+        return _equal_unordered(g[1], p[1])
+    if tg == "list" and tp == "seq" or tg == "seq" and tp == "list":
+        return _equal_ordered(g[-1], p[-1])
+    if tg == "seq" and tp == "seq":
+        return g[1] == p[1] and g[2] == p[2] and _equal_ordered(g[3], p[3])
+    if tg == "union" and tp == "union":
+        return _equal_unordered(g[1], p[1])
+    if tg == "matrix" and tp == "matrix":
+        return len(g[1]) == len(p[1]) and all(_equal_ordered(a, b) for a, b in zip(g[1], p[1]))
+    if tg == "matrix" and tp in ("seq", "list") or tp == "matrix" and tg in ("seq", "list"):
+        m, other = (g, p) if tg == "matrix" else (p, g)
+        cells = _cells(m)
+        items = other[-1]
+        if cells is None or (other[0] == "seq" and other[1] != "("):
+            return False
+        return _equal_ordered(cells, items) if tg == "matrix" else _equal_ordered(items, cells)
+    if tg in ("set", "list") and len(g[1]) == 1:
+        return _equal(g[1][0], p)
+    if tp in ("set", "list") and len(p[1]) == 1:
+        return _equal(g, p[1][0])
+    return _equal_expr(g, p)
+
+
+def answers_equal(gold: str, prediction: str) -> bool:
+    """Equality of two bare answers (no extraction)."""
+    if _norm_string(gold) == _norm_string(prediction) and _norm_string(gold):
+        return True
+    g, p = _parse(gold), _parse(prediction)
+    if g is None or p is None:
+        return False
+    try:
+        return _equal(g, p)
+    except (mp.AnswerError, RecursionError):
+        return False
+
+
+_WORD_RE = re.compile(r"(?<![\\a-zA-Z])[a-zA-Z]{3,}")
+
+
+def _looks_like_answer(text: str) -> bool:
+    """A bare answer ('5 apples', 'x = 3'), not prose whose numbers a parser would run together."""
+    return len(text) <= 200 and "\n" not in text and len(_WORD_RE.findall(text[:200])) < 4
+
+
+def verify(gold: str, prediction: str) -> bool:
+    """Whether `prediction` (a completion or a bare answer) states the same final answer as `gold`."""
+    try:
+        gold_text = gold_answer(gold)
+    except ValueError:
+        return False
+    explicit = extract_answer(prediction)
+    if explicit is not None:
+        return answers_equal(gold_text, explicit)
+    candidate = prediction.strip()
+    if _looks_like_answer(candidate) and _parse(candidate) is not None:
+        return answers_equal(gold_text, candidate)
+    last = None
+    for m in _NUMBER_RE.finditer(prediction, max(0, len(prediction) - MAX_SCAN_CHARS)):
+        last = m
+    return last is not None and answers_equal(gold_text, last.group(0))
+
+
+@reward("math_accuracy")
+def math_accuracy(completion: str, answer: str) -> float | None:
+    """1.0 when the completion's final answer equals the gold `answer`, else 0.0; None if the gold is unusable."""
+    try:
+        gold_text = gold_answer(answer)
+    except ValueError:
+        return None
+    if not gold_text or (_parse(gold_text) is None and not _norm_string(gold_text)):
+        return None
+    return 1.0 if verify(answer, completion) else 0.0
