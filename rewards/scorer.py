@@ -261,14 +261,17 @@ class _Pool:
         return results, lost
 
     def close(self):
+        asked = []
         for w in self.workers:
             try:
                 if w.process.is_alive() and w.ready and w.task is None:
                     w.conn.send(None)
+                    asked.append(w)
             except OSError:
                 pass
-        for w in self.workers:
+        for w in asked:
             w.process.join(timeout=1)
+        for w in self.workers:
             w.kill()
         self.workers = []
 
