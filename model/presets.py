@@ -85,3 +85,31 @@ def preset(name: str) -> dict:
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
     return copy.deepcopy(PRESETS[name])
+
+
+def write_random_model(name: str, out_dir, seed: int = 0, model_type: str | None = None):
+    """Writes a random-init model directory (config.json, safetensors, character tokenizer) of a preset and returns
+    the model. Loads with load_model / load_tokenizer and with transformers' from_pretrained."""
+    import torch
+
+    from .checkpoint import save_model
+    from .config import ModelConfig
+    from .tokenizer import build_char_tokenizer
+    from .transformer import DeepseekForCausalLM
+
+    fields = preset(name)
+    if model_type is not None and model_type != fields["model_type"]:
+        fields["model_type"] = model_type
+        if model_type == "deepseek_v2":
+            fields.update(V2_ROUTER)
+    cfg = ModelConfig.from_dict(fields)
+    torch.manual_seed(seed)
+    model = DeepseekForCausalLM(cfg)
+    tokenizer = build_char_tokenizer(vocab_size=cfg.vocab_size)
+    save_model(model, out_dir)
+    tokenizer.save(out_dir)
+    return model
+
+
+# What changes when a preset is written as DeepSeek-V2 instead: softmax router, no bias, V2's group rule.
+V2_ROUTER = dict(scoring_func="softmax", topk_method="group_limited_greedy", norm_topk_prob=False)

@@ -39,6 +39,9 @@ class ModelSection:
     ref_model_on_cpu: bool = False
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     gradient_checkpointing: bool = False
+    # Write a random-init model of this preset (model/presets.py) to name_or_path when it holds no model yet:
+    # for toy runs and tests that start from scratch. A directory that already has a model is never touched.
+    init_preset: str | None = None
 
 
 @dataclass
@@ -413,9 +416,16 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
     if check_paths:
         for key, value in (("model.name_or_path", m.name_or_path), ("model.tokenizer", m.tokenizer),
                            ("model.ref_model", m.ref_model)):
+            if m.init_preset and value in (None, m.name_or_path):
+                continue  # written at start-up when missing
             if value and _looks_local(value) and not Path(value).expanduser().exists():
                 problems.append(f"{key}: path {value!r} does not exist")
 
+    if m.init_preset is not None:
+        from model.presets import PRESETS
+
+        need(m.init_preset in PRESETS,
+             f"model.init_preset must be one of {', '.join(sorted(PRESETS))} or null; got {m.init_preset!r}")
     need(bool(d.source), "data.source is required (hub dataset name, local data file or save_to_disk directory)")
     if check_paths:
         for key, value in (("data.source", d.source), ("data.eval_source", d.eval_source)):

@@ -1,0 +1,104 @@
+"""The RL side of sampling: G completions for each prompt from a (possibly wrapped) policy, as one tensor batch.
+
+The policy may be a plain module, a DDP wrapper or a DeepSpeed engine. Under ZeRO-3 the parameters are gathered once for
+the whole rollout (not per token) and released after; otherwise the unwrapped module samples directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from model.generate import SamplingParams, generate
+
+
+@dataclass
+class RolloutBatch:
+    """N = P * G rows, prompt-major (row p * G + g is the g-th completion of prompt p)."""
+
+    prompt_ids: torch.Tensor  # (N, Tp) left-padded
+    prompt_mask: torch.Tensor  # (N, Tp)
+    completion_ids: torch.Tensor  # (N, Tc) right-padded
+    completion_mask: torch.Tensor  # (N, Tc)
+    sampling_logprobs: torch.Tensor  # (N, Tc) log-probs under the distribution that was sampled
+    lengths: torch.Tensor  # (N,) completion tokens
+    finish_reasons: list[str]  # 'stop' | 'length'
+    group_index: torch.Tensor  # (N,) index of the prompt within this batch
+    routing: list[torch.Tensor] | None  # per MoE layer (N, Tp + Tc, k), for routing replay
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)  # (N, Tp + Tc)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.prompt_mask, self.completion_mask], dim=1)  # (N, Tp + Tc)
+
+    def select(self, rows: torch.Tensor) -> "RolloutBatch":
+        """The sub-batch of the given rows (dynamic sampling keeps whole groups)."""
+        rows_list = rows.tolist()
+        return RolloutBatch(
+            prompt_ids=self.prompt_ids[rows],
+            prompt_mask=self.prompt_mask[rows],
+            completion_ids=self.completion_ids[rows],
+            completion_mask=self.completion_mask[rows],
+            sampling_logprobs=self.sampling_logprobs[rows],
+            lengths=self.lengths[rows],
+            finish_reasons=[self.finish_reasons[i] for i in rows_list],
+            group_index=self.group_index[rows],
+            routing=None if self.routing is None else [r[rows] for r in self.routing],
+        )
+
+
+def _is_zero3(model: nn.Module) -> bool:
+    config = getattr(model, "zero_optimization_stage", None)
+    return callable(config) and config() == 3
+
+
+@contextlib.contextmanager
+def policy_for_sampling(model: nn.Module) -> Iterator[nn.Module]:
+    """The bare policy module, in eval mode with full parameters, for the duration of a rollout."""
+    module = model.module if hasattr(model, "module") else model
+    if _is_zero3(model):
+        import deepspeed  # only needed (and only importable cheaply) when DeepSpeed is in use
+
+        gather = deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+    else:
+        gather = contextlib.nullcontext()
+    was_training = module.training
+    module.eval()
+    try:
+        with gather, torch.no_grad():
+            yield module
+    finally:
+        module.train(was_training)
+
+
+def rollout(
+    model: nn.Module,
+    prompts: list[list[int]],
+    num_generations: int,
+    params: SamplingParams,
+    generator: torch.Generator | None = None,
+    decode: Callable[[list[int]], str] | None = None,
+) -> RolloutBatch:
+    """Samples `num_generations` completions for every prompt (token ids, already templated) and batches them."""
+    with policy_for_sampling(model) as policy:
+        out = generate(policy, prompts, num_generations, params, generator=generator, decode=decode)
+    n = out.completion_ids.shape[0]
+    group_index = torch.arange(len(prompts), device=out.completion_ids.device).repeat_interleave(num_generations)
+    return RolloutBatch(
+        prompt_ids=out.prompt_ids,
+        prompt_mask=out.prompt_mask,
+        completion_ids=out.completion_ids,
+        completion_mask=out.completion_mask,
+        sampling_logprobs=out.sampling_logprobs,
+        lengths=out.completion_mask.sum(dim=1),
+        finish_reasons=list(out.finish_reasons),
+        group_index=group_index[:n],
+        routing=out.routing,
+    )

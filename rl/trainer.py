@@ -1,0 +1,716 @@
+"""The GRPO training loop, written out: rollout -> rewards -> advantages -> policy update, step after step.
+
+This is the only module that touches accelerate / DeepSpeed. Everything it calls is plain: the sampling engine
+(model.generate via rl.rollout), the reward scorer (rewards.Scorer), advantages and losses (rl.advantages, rl.loss).
+
+Data parallelism: every rank samples its own slice of the global prompt batch and owns whole groups, so group
+statistics never straddle ranks. Rewards are gathered before advantages are computed, so 'batch' reward scaling and
+every logged number are global — they do not depend on the number of processes. Loss normalisers (the dapo token
+count, the number of sequences) are global too, and the loss is multiplied by the world size to undo the gradient
+averaging of DDP / DeepSpeed, so N processes take the same update as one process on the whole batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import model as tzmodel
+import rewards as tzrewards
+from model.generate import SamplingParams
+from rl import checkpoint as ckpt
+from rl.advantages import group_advantages, group_reward_stats, group_rows, nonconstant_groups
+from rl.config import Config, check_world_size, config_to_dict, config_to_yaml
+from rl.data import PromptSampler, load_rows, prepare_examples
+from rl.loss import masked_mean, policy_loss
+from rl.rollout import RolloutBatch, policy_for_sampling, rollout
+from rl.tracking import Tracker
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped on purpose (e.g. too many non-finite updates in a row); the state was saved first."""
+
+
+def make_accelerator():
+    """An Accelerator with the right process group: NCCL on GPUs; on CPU with several processes an explicit gloo
+    backend (without it each rank silently believes it is alone); nothing extra in a single process."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    handlers = []
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    return Accelerator(kwargs_handlers=handlers)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def lr_lambda(warmup_steps: int, max_steps: int, schedule: str, min_ratio: float):
+    """Multiplier of the base learning rate at a given (0-based) training step."""
+
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def expert_load_cv(counts: torch.Tensor) -> float:
+    """Coefficient of variation of tokens per expert (0 = perfectly balanced)."""
+    counts = counts.double()
+    mean = counts.mean()
+    return float(counts.std(unbiased=False) / mean) if mean > 0 else 0.0
+
+
+@dataclass
+class StepBatch:
+    """What the update needs: the rollout rows this rank trains on, with their advantages and side information."""
+
+    rollout: RolloutBatch
+    advantages: torch.Tensor  # (N,)
+    rewards: torch.Tensor  # (N,) weighted total
+    per_function: dict[str, list]
+    texts: list[str]
+    examples: list[dict]  # one per row
+    old_logprobs: torch.Tensor | None = None  # (N, Tc)
+    ref_logprobs: torch.Tensor | None = None  # (N, Tc)
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.accelerator = make_accelerator()
+        acc = self.accelerator
+        self.device = acc.device
+        self.world_size = acc.num_processes
+        self.rank = acc.process_index
+        self.is_main = acc.is_main_process
+        check_world_size(cfg, self.world_size)
+        self.output_dir = Path(cfg.train.output_dir)
+        if self.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.yaml").write_text(config_to_yaml(cfg))
+        seed_everything(cfg.train.seed + self.rank)
+        # Sampling has its own generator, seeded per rank, so rollouts are reproducible and independent of how many
+        # random numbers anything else drew.
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.train.seed * 1000 + self.rank)
+
+        if cfg.model.init_preset and not (Path(cfg.model.name_or_path) / "config.json").is_file():
+            if self.is_main:
+                from model.presets import write_random_model
+
+                write_random_model(cfg.model.init_preset, cfg.model.name_or_path, seed=cfg.train.seed)
+            acc.wait_for_everyone()
+        # Where to start from: a checkpoint (resume) or the configured model.
+        self.resume_from = self._find_resume()
+        model_path = str(self.resume_from) if self.resume_from else cfg.model.name_or_path
+        dtype = DTYPES[cfg.model.dtype]
+        if self.device.type == "cpu" and dtype != torch.float32:
+            dtype = torch.float32  # bf16 matmuls are hundreds of times slower on CPU; train in fp32 there
+        self.dtype = dtype
+        self.tokenizer = tzmodel.load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path)
+        policy = tzmodel.load_model(model_path, dtype=dtype, device=self.device)
+        if policy.config.vocab_size < self.tokenizer.vocab_size:
+            raise ValueError(f"the tokenizer has {self.tokenizer.vocab_size} tokens but the model's vocab_size is "
+                             f"{policy.config.vocab_size}; they do not belong together")
+        if cfg.model.gradient_checkpointing:
+            policy.gradient_checkpointing_enable()
+        policy.train()
+        self.moe_layers = len(policy.moe_layers)
+
+        self.ref_model = None
+        if cfg.algorithm.beta > 0:  # with beta == 0 no reference model is loaded at all
+            ref_device = "cpu" if cfg.model.ref_model_on_cpu else self.device
+            self.ref_model = tzmodel.load_model(cfg.model.ref_model or cfg.model.name_or_path, dtype=dtype,
+                                                device=ref_device).eval().requires_grad_(False)
+
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(policy.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                                           weight_decay=o.weight_decay)
+        # The schedule is stepped once per training step (not per optimizer step) and is not handed to accelerate,
+        # so warmup_steps means the same thing whatever the mini-batching or the backend.
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(o.warmup_steps, cfg.train.max_steps, o.schedule, o.min_lr_ratio))
+
+        r, a = cfg.rollout, cfg.algorithm
+        self.batch_local = r.batch_size // self.world_size  # completions per step on this rank
+        self.mini_local = (a.mini_batch_size or r.batch_size) // self.world_size
+        self.micro = a.micro_batch_size or self.mini_local
+        self.is_deepspeed = acc.state.deepspeed_plugin is not None
+        if self.is_deepspeed:
+            self._configure_deepspeed()
+        self.model, self.optimizer = acc.prepare(policy, self.optimizer)
+
+        # Data: every rank builds the same sampler and takes its slice of each global batch.
+        d = cfg.data
+        rows = load_rows(d.source, d.config_name, d.split)
+        self.examples, dropped = prepare_examples(
+            rows, self.tokenizer, prompt_column=d.prompt_column, answer_column=d.answer_column, template=d.template,
+            system_prompt=d.system_prompt, max_prompt_length=d.max_prompt_length)
+        self.columns = sorted({k for k in self.examples[0] if k not in ("prompt_ids", "prompt_text")})
+        self.sampler = PromptSampler(self.examples, r.prompts_per_step, seed=cfg.train.seed, shuffle=d.shuffle,
+                                     rank=self.rank, world_size=self.world_size)
+        self.eval_examples = None
+        if d.eval_split is not None:
+            eval_rows = load_rows(d.eval_source or d.source, d.config_name, d.eval_split)
+            self.eval_examples, _ = prepare_examples(
+                eval_rows, self.tokenizer, prompt_column=d.prompt_column, answer_column=d.answer_column,
+                template=d.template, system_prompt=d.system_prompt, max_prompt_length=d.max_prompt_length)
+            self.eval_examples = self.eval_examples[: d.eval_max_examples]
+
+        for module in cfg.rewards.modules:
+            tzrewards.registry.load_module(module) if hasattr(tzrewards.registry, "load_module") else None
+        self.scorer = tzrewards.Scorer(
+            [{"name": f.name, "weight": f.weight, "params": f.params} for f in cfg.rewards.functions],
+            num_workers=cfg.rewards.num_workers, timeout_s=cfg.rewards.timeout_s, fallback=cfg.rewards.fallback,
+            columns=self.columns + ["prompt", "completion_ids", "num_tokens", "finish_reason"])
+        self.sampling = SamplingParams(
+            max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+            eos_token_ids=tuple(i for i in (self.tokenizer.eos_token_id,) if i is not None),
+            stop_strings=tuple(r.stop_strings), pad_token_id=self._pad_id(),
+            return_routing=a.moe.routing_replay and self.moe_layers > 0)
+
+        self.step = 0
+        self.consecutive_skips = 0
+        self.skipped_updates = 0
+        self.reward_failures: dict[str, int] = {}
+        run_id = None
+        if self.resume_from:
+            run_id = self._load_state(self.resume_from)
+        self.tracker = Tracker(
+            self.output_dir, is_main=self.is_main, config=config_to_dict(cfg), project=cfg.logging.project,
+            entity=cfg.logging.entity, run_name=cfg.logging.run_name, tags=cfg.logging.tags,
+            group=cfg.logging.group, mode=cfg.logging.mode, run_id=run_id, console=cfg.logging.console,
+            total_steps=cfg.train.max_steps, start_step=self.step)
+        if dropped:
+            self.tracker.write(f"dropped {dropped} prompts longer than max_prompt_length={d.max_prompt_length}")
+        if self.resume_from:
+            self.tracker.write(f"resumed from {self.resume_from} at step {self.step}")
+
+    # ---- setup helpers ------------------------------------------------------------------------------------------
+
+    def _pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return pad if pad is not None else (self.tokenizer.eos_token_id or 0)
+
+    def _find_resume(self) -> Path | None:
+        resume = self.cfg.train.resume
+        if resume == "none":
+            return None
+        if resume == "auto":
+            return ckpt.latest_checkpoint(self.output_dir)
+        path = Path(resume)
+        if not (path / ckpt.COMPLETE).is_file():
+            raise FileNotFoundError(f"train.resume={resume!r} is not a complete checkpoint directory "
+                                    f"(no {ckpt.COMPLETE} marker)")
+        return path
+
+    def _configure_deepspeed(self) -> None:
+        """Fills DeepSpeed's batch settings from ours: we call backward once per micro-batch and step once per
+        mini-batch, so DeepSpeed's accumulation count is the number of micro-batches in a mini-batch."""
+        ds = self.accelerator.state.deepspeed_plugin.deepspeed_config
+        self.ds_accumulation = self.mini_local // self.micro
+        ds["train_micro_batch_size_per_gpu"] = self.micro
+        ds["gradient_accumulation_steps"] = self.ds_accumulation
+        ds["train_batch_size"] = self.micro * self.ds_accumulation * self.world_size
+        ds["gradient_clipping"] = self.cfg.optim.max_grad_norm or 0.0
+        if ds.get("bf16", {}).get("enabled") == "auto":
+            ds["bf16"]["enabled"] = self.accelerator.mixed_precision == "bf16"
+        if ds.get("fp16", {}).get("enabled") == "auto":
+            ds["fp16"]["enabled"] = self.accelerator.mixed_precision == "fp16"
+
+    @property
+    def policy(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    # ---- the loop -----------------------------------------------------------------------------------------------
+
+    def train(self) -> None:
+        cfg = self.cfg
+        try:
+            while self.step < cfg.train.max_steps:
+                metrics = self.train_step()
+                self.step += 1
+                if self.step % cfg.logging.log_every == 0 or self.step == cfg.train.max_steps:
+                    self.tracker.log(metrics, self.step)
+                if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.eval_examples:
+                    self.tracker.log(self.evaluate(), self.step)
+                if cfg.train.save_every and self.step % cfg.train.save_every == 0 and self.step < cfg.train.max_steps:
+                    self.save()
+            self.save()
+        finally:
+            self.tracker.close()
+            self.scorer.close()
+
+    def train_step(self) -> dict[str, float]:
+        t_start = time.perf_counter()
+        batch, timing, sample_metrics = self.collect()
+        t_update = time.perf_counter()
+        update_metrics = self.update(batch)
+        self.scheduler.step()
+        timing["timing/update_s"] = time.perf_counter() - t_update
+        step_s = time.perf_counter() - t_start
+        tokens = self._sum(batch.rollout.lengths.sum())
+        metrics = {**sample_metrics, **update_metrics, **timing, "timing/step_s": step_s,
+                   "throughput/tokens_per_s": tokens / max(timing["timing/rollout_s"], 1e-9),
+                   "learning_rate": self.scheduler.get_last_lr()[0]}
+        every = self.cfg.logging.completions_every
+        if every and (self.step + 1) % every == 0:
+            self._log_completions(batch)
+        return metrics
+
+    # ---- sampling and scoring ------------------------------------------------------------------------------------
+
+    def _sample(self, examples: list[dict]) -> tuple[RolloutBatch, list[str], Any, float, float]:
+        """G completions per example, decoded and scored. Returns (batch, texts, scores, rollout_s, reward_s)."""
+        G = self.cfg.rollout.num_generations
+        t0 = time.perf_counter()
+        batch = rollout(self.model, [ex["prompt_ids"] for ex in examples], G, self.sampling, self.generator,
+                        decode=self.tokenizer.decode)
+        t1 = time.perf_counter()
+        ids = [row[mask.bool()].tolist() for row, mask in zip(batch.completion_ids.cpu(), batch.completion_mask.cpu())]
+        texts = [self.tokenizer.decode(row, skip_special_tokens=True) for row in ids]
+        rows = [examples[i] for i in batch.group_index.tolist()]
+        columns = {c: [row.get(c) for row in rows] for c in self.columns}
+        facts = {"prompt": [row["prompt"] for row in rows], "completion_ids": ids, "num_tokens": batch.lengths.tolist(),
+                 "finish_reason": batch.finish_reasons}
+        scores = self.scorer.score(texts, columns=columns, facts=facts)
+        self._count_failures(scores)
+        return batch, texts, scores, t1 - t0, time.perf_counter() - t1
+
+    def collect(self) -> tuple[StepBatch, dict[str, float], dict[str, float]]:
+        """Samples this step's groups (with dynamic sampling, drawing more prompts while groups are uninformative),
+        scores them and computes advantages over the global batch."""
+        cfg, G = self.cfg, self.cfg.rollout.num_generations
+        P_local = self.batch_local // G
+        rollout_s = reward_s = 0.0
+        kept: list[tuple] = []
+        dropped_groups: list[tuple] = []
+        examples = self.sampler.next_batch()
+        draws = 0
+        while True:
+            batch, texts, scores, t_roll, t_rew = self._sample(examples)
+            rollout_s += t_roll
+            reward_s += t_rew
+            part = (batch, texts, scores, examples)
+            if not cfg.algorithm.dynamic_sampling:
+                kept.append(part)
+                break
+            informative = nonconstant_groups(torch.tensor(scores.total, dtype=torch.float32), G)  # (P,)
+            kept.append(_select_part(part, group_rows(informative, G), G))
+            dropped_groups.append(_select_part(part, group_rows(~informative, G), G))
+            have = sum(len(p[3]) for p in kept)
+            need_any = self._max(max(0, P_local - have))  # all ranks draw together to keep samplers in step
+            if need_any == 0 or draws >= cfg.algorithm.max_extra_draws:
+                break
+            draws += 1
+            examples = self.sampler.draw(self.cfg.rollout.prompts_per_step)
+
+        # Assemble exactly P_local groups: the informative ones first, topped up with uninformative ones if the draw
+        # budget ran out (their advantages are zero, so they add KL but no policy gradient).
+        parts = kept + dropped_groups if cfg.algorithm.dynamic_sampling else kept
+        merged = _merge_parts(parts, G, P_local, self.sampling.pad_token_id)
+        batch, texts, per_function, totals, examples_per_row = merged
+        timing = {"timing/rollout_s": rollout_s, "timing/reward_s": reward_s}
+
+        rewards = torch.tensor(totals, dtype=torch.float32)  # (N,)
+        all_rewards = self._gather(rewards.to(self.device)).cpu()  # (N * world,) prompt-major within each rank
+        advantages_all = group_advantages(all_rewards, G, cfg.algorithm.scale_rewards)
+        advantages = advantages_all[self.rank * len(rewards):(self.rank + 1) * len(rewards)]
+        if cfg.algorithm.mask_truncated_completions:
+            truncated = torch.tensor([f == "length" for f in batch.finish_reasons])
+            batch.completion_mask = batch.completion_mask * (~truncated).to(batch.completion_mask.dtype)[:, None].to(
+                batch.completion_mask.device)
+
+        metrics = dict(group_reward_stats(all_rewards, G))
+        for name, values in per_function.items():
+            judged = torch.tensor([v for v in values if v is not None], dtype=torch.float32)
+            s, s2, n = self._sum(judged.sum()), self._sum((judged ** 2).sum()), self._sum(len(judged))
+            mean = s / n if n else float("nan")
+            metrics[f"rewards/{name}/mean"] = mean
+            metrics[f"rewards/{name}/std"] = math.sqrt(max(0.0, s2 / n - mean ** 2)) if n else float("nan")
+        lengths = batch.lengths.float()
+        metrics["completions/mean_length"] = self._sum(lengths.sum()) / self._sum(len(lengths))
+        metrics["completions/max_length"] = self._max(float(lengths.max()))
+        metrics["completions/clipped_ratio"] = self._sum(sum(f == "length" for f in batch.finish_reasons)) / \
+            self._sum(len(lengths))
+        if cfg.algorithm.dynamic_sampling:
+            metrics["dynamic_sampling/extra_draws"] = float(draws)
+            metrics["dynamic_sampling/filled_groups"] = self._sum(
+                max(0, P_local - sum(len(p[3]) for p in kept)))
+        for name, count in self.reward_failures.items():
+            metrics[f"rewards/{name}/failures"] = float(count)
+        step = StepBatch(rollout=batch, advantages=advantages.to(self.device), rewards=rewards,
+                         per_function=per_function, texts=texts, examples=examples_per_row)
+        self._precompute_logprobs(step, metrics)
+        return step, timing, metrics
+
+    def _count_failures(self, scores) -> None:
+        for name, counter in scores.failures.items():
+            self.reward_failures[name] = self.reward_failures.get(name, 0) + sum(counter.values())
+
+    # ---- log-probs ----------------------------------------------------------------------------------------------
+
+    def _completion_logprobs(self, module: nn.Module, rb: RolloutBatch, rows: slice | torch.Tensor, *,
+                             routing: bool = False, return_routing: bool = False, compute_entropy: bool = False):
+        """Log-probs of the completion tokens of the given rows under `module` (B, Tc), plus the forward output."""
+        input_ids = rb.input_ids[rows]  # (B, Tp + Tc)
+        mask = rb.attention_mask[rows]  # (B, Tp + Tc)
+        Tp = rb.prompt_ids.shape[1]
+        targets = torch.cat([input_ids[:, 1:], input_ids[:, -1:]], dim=1)  # (B, Tp + Tc): next token at each pos
+        replay = [r[rows] for r in rb.routing] if routing and rb.routing is not None else None
+        out = module(input_ids, mask, target_ids=targets, temperature=self.cfg.rollout.temperature or 1.0,
+                     routing=replay, return_routing=return_routing, compute_entropy=compute_entropy)
+        span = slice(Tp - 1, input_ids.shape[1] - 1)  # positions predicting completion tokens
+        entropy = out.entropy[:, span] if out.entropy is not None else None
+        return out.logprobs[:, span], entropy, out
+
+    @torch.no_grad()
+    def _precompute_logprobs(self, step: StepBatch, metrics: dict[str, float]) -> None:
+        """Old log-probs (num_iterations > 1) and reference log-probs (beta > 0), micro-batch by micro-batch."""
+        cfg, rb = self.cfg, step.rollout
+        N = rb.completion_ids.shape[0]
+        replay = cfg.algorithm.moe.routing_replay and rb.routing is not None
+        if cfg.algorithm.num_iterations > 1:
+            old, differ, total = [], 0.0, 0.0
+            with policy_for_sampling(self.model) as policy:
+                for s in range(0, N, self.micro):
+                    rows = slice(s, s + self.micro)
+                    lp, _, out = self._completion_logprobs(policy, rb, rows, return_routing=replay)
+                    old.append(lp)
+                    if replay:
+                        mask = rb.attention_mask[rows].bool()
+                        for mine, sampled in zip(out.routing, rb.routing):
+                            same = (mine.sort(-1).values == sampled[rows].sort(-1).values).all(-1)  # (B, T)
+                            differ += float((~same & mask).sum())
+                            total += float(mask.sum())
+            step.old_logprobs = torch.cat(old)
+            if replay:
+                metrics["moe/routing_mismatch_frac"] = self._sum(differ) / max(self._sum(total), 1.0)
+        if self.ref_model is not None:
+            ref = []
+            ref_device = next(self.ref_model.parameters()).device
+            for s in range(0, N, self.micro):
+                rows = slice(s, s + self.micro)
+                sub = _to_device(rb, rows, ref_device)
+                lp, _, _ = self._completion_logprobs(self.ref_model, sub, slice(None))
+                ref.append(lp.to(self.device))
+            step.ref_logprobs = torch.cat(ref)
+
+    # ---- the update ---------------------------------------------------------------------------------------------
+
+    def update(self, step: StepBatch) -> dict[str, float]:
+        cfg, a = self.cfg, self.cfg.algorithm
+        rb = step.rollout
+        N = rb.completion_ids.shape[0]
+        sums: dict[str, float] = {}
+        tokens_total = 0.0
+        grad_norms = []
+        expert_counts = [torch.zeros(self.policy.config.n_routed_experts or 1, dtype=torch.float64)
+                         for _ in range(self.moe_layers)]
+        replay = a.moe.routing_replay and rb.routing is not None
+        mini_global = self.mini_local * self.world_size
+        for _ in range(a.num_iterations):
+            for m0 in range(0, N, self.mini_local):
+                mini_mask = rb.completion_mask[m0:m0 + self.mini_local]
+                num_items = self._sum(mini_mask.sum())  # dapo: tokens of the global mini-batch
+                micro_starts = list(range(m0, m0 + self.mini_local, self.micro))
+                for i, s in enumerate(micro_starts):
+                    rows = slice(s, s + self.micro)
+                    last = i == len(micro_starts) - 1
+                    with self._no_sync(last):
+                        logprobs, entropy, out = self._completion_logprobs(
+                            self.model, rb, rows, routing=replay, compute_entropy=True)
+                        mask = rb.completion_mask[rows]
+                        loss, m = policy_loss(
+                            logprobs,
+                            step.old_logprobs[rows] if step.old_logprobs is not None else None,
+                            step.ref_logprobs[rows] if step.ref_logprobs is not None else None,
+                            step.advantages[rows], mask, loss_type=a.loss_type, epsilon=a.epsilon,
+                            epsilon_high=a.epsilon_high, beta=a.beta, kl_estimator=a.kl_estimator,
+                            max_completion_length=cfg.rollout.max_new_tokens, num_items_in_batch=num_items,
+                            num_sequences=mini_global)
+                        if a.moe.aux_loss_coef > 0 and self.moe_layers:
+                            loss = loss + a.moe.aux_loss_coef * out.aux_loss * (mask.shape[0] / mini_global)
+                        # Normalisers above are global; DDP/DeepSpeed average gradients over ranks, so undo that.
+                        scaled = loss * self.world_size
+                        self._backward(scaled, last)
+                    n_tok = float(mask.sum())
+                    tokens_total += n_tok
+                    for k, v in m.items():
+                        sums[k] = sums.get(k, 0.0) + float(v) * n_tok
+                    sums["entropy"] = sums.get("entropy", 0.0) + float(masked_mean(entropy.detach(), mask)) * n_tok
+                    for acc_counts, counts in zip(expert_counts, out.expert_counts):
+                        acc_counts += counts.detach().double().cpu()
+                grad_norms.append(self._optimizer_step())
+        metrics = {k: self._sum(v) / max(self._sum(tokens_total), 1.0) for k, v in sums.items()}
+        finite = [g for g in grad_norms if g is not None and math.isfinite(g)]
+        metrics["grad_norm"] = float(np.mean(finite)) if finite else float("nan")
+        metrics["skipped_updates"] = float(self.skipped_updates)
+        if self.moe_layers:
+            global_counts = [self._gather_sum(c) for c in expert_counts]
+            for i, counts in enumerate(global_counts):
+                metrics[f"moe/expert_load_cv/layer{i}"] = expert_load_cv(counts)
+            gamma = a.moe.router_bias_update_gamma
+            if gamma > 0:
+                self.policy.update_router_bias([c.float() for c in global_counts], gamma)
+        return metrics
+
+    def _no_sync(self, last: bool):
+        """Skip DDP's gradient all-reduce on all but the last micro-batch of a mini-batch."""
+        if self.world_size > 1 and not self.is_deepspeed and not last:
+            return self.accelerator.no_sync(self.model)
+        return contextlib.nullcontext()
+
+    def _backward(self, loss: torch.Tensor, last: bool) -> None:
+        if self.is_deepspeed:
+            # The engine divides by its accumulation count; our normalisers already account for the whole batch.
+            self.model.set_gradient_accumulation_boundary(last)
+            self.model.backward(loss * self.ds_accumulation)
+        else:
+            self.accelerator.backward(loss)
+
+    def _optimizer_step(self) -> float | None:
+        """Clips and applies the accumulated gradients; skips (and counts) the update if they are not finite."""
+        max_norm = self.cfg.optim.max_grad_norm
+        if self.is_deepspeed:
+            self.model.step()  # clips (gradient_clipping) and steps at the accumulation boundary
+            norm = self.model.get_global_grad_norm()
+            return None if norm is None else float(norm)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
+        norm = float(norm)
+        if not math.isfinite(self._max(norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_updates += 1
+            self.consecutive_skips += 1
+            self.tracker.write(f"step {self.step + 1}: non-finite gradient norm, update skipped "
+                               f"({self.consecutive_skips} in a row)")
+            if self.consecutive_skips >= self.cfg.optim.max_consecutive_skips:
+                self.save()
+                raise TrainingStopped(
+                    f"{self.consecutive_skips} consecutive updates had non-finite gradients; stopped at step "
+                    f"{self.step} (state saved in {self.output_dir}). Lower optim.lr or check the rewards/data.")
+            return norm
+        self.consecutive_skips = 0
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    # ---- evaluation, logging ------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Greedy completions of this rank's share of the eval prompts, scored with the training rewards."""
+        examples = self.eval_examples[self.rank::self.world_size]
+        params = SamplingParams(max_new_tokens=self.sampling.max_new_tokens, temperature=0.0,
+                                eos_token_ids=self.sampling.eos_token_ids, stop_strings=self.sampling.stop_strings,
+                                pad_token_id=self.sampling.pad_token_id)
+        totals: dict[str, list[float]] = {}
+        for s in range(0, len(examples), 32):
+            chunk = examples[s:s + 32]
+            with policy_for_sampling(self.model) as policy:
+                out = tzmodel.generate(policy, [ex["prompt_ids"] for ex in chunk], 1, params, decode=self.tokenizer.decode)
+            texts = [self.tokenizer.decode(ids[m.bool()].tolist(), skip_special_tokens=True)
+                     for ids, m in zip(out.completion_ids.cpu(), out.completion_mask.cpu())]
+            scores = self.scorer.score(texts, columns={c: [ex.get(c) for ex in chunk] for c in self.columns},
+                                       facts={"prompt": [ex["prompt"] for ex in chunk],
+                                              "completion_ids": [ids[m.bool()].tolist() for ids, m in
+                                                                 zip(out.completion_ids.cpu(), out.completion_mask.cpu())],
+                                              "num_tokens": out.completion_mask.sum(1).tolist(),
+                                              "finish_reason": list(out.finish_reasons)})
+            totals.setdefault("reward", []).extend(scores.total)
+            for name, values in scores.per_function.items():
+                totals.setdefault(f"{name}/mean", []).extend(v for v in values if v is not None)
+        return {f"eval/{k}": self._sum(sum(v)) / max(self._sum(len(v)), 1) for k, v in totals.items()}
+
+    def _log_completions(self, step: StepBatch) -> None:
+        n = min(self.cfg.logging.completions_rows, len(step.texts))
+        rows = []
+        for i in range(n):
+            row = {"prompt": step.examples[i]["prompt"], "completion": step.texts[i],
+                   "advantage": float(step.advantages[i])}
+            for name, values in step.per_function.items():
+                row[name] = values[i]
+            row["reward"] = float(step.rewards[i])
+            rows.append(row)
+        self.tracker.log_completions(rows, self.step + 1)
+
+    # ---- cross-rank reductions (no-ops in one process) -----------------------------------------------------------
+
+    def _sum(self, value) -> float:
+        if self.world_size == 1:
+            return float(value)
+        t = torch.tensor(float(value), dtype=torch.float64, device=self.device)
+        return float(self.accelerator.reduce(t, reduction="sum"))
+
+    def _max(self, value) -> float:
+        if self.world_size == 1:
+            return float(value)
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
+        return float(self.accelerator.gather(t).max())
+
+    def _gather(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.world_size == 1 else self.accelerator.gather(t)
+
+    def _gather_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:
+            return t
+        return self.accelerator.reduce(t.to(self.device), reduction="sum").cpu()
+
+    # ---- checkpoints --------------------------------------------------------------------------------------------
+
+    def save(self) -> Path | None:
+        """Writes checkpoint-<step>: HF model dir + trainer state; atomic (temp dir renamed into place)."""
+        acc = self.accelerator
+        if self.is_main:
+            ckpt.begin(self.output_dir, self.step)
+        acc.wait_for_everyone()
+        tmp = ckpt.tmp_dir(self.output_dir, self.step)
+        with policy_for_sampling(self.model) as module:  # gathers ZeRO-3 shards; a no-op otherwise
+            if self.is_main:
+                tzmodel.save_model(module, tmp)
+                self.tokenizer.save(tmp)
+        torch.save(ckpt.rng_state(self.generator), tmp / f"rng_rank{self.rank}.pt")
+        if self.is_deepspeed:
+            self.model.save_checkpoint(str(tmp / "deepspeed"))
+        acc.wait_for_everyone()
+        final = None
+        if self.is_main:
+            state = {
+                "step": self.step,
+                "sampler": self.sampler.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "optimizer": None if self.is_deepspeed else self.optimizer.state_dict(),
+                "consecutive_skips": self.consecutive_skips,
+                "skipped_updates": self.skipped_updates,
+                "reward_failures": dict(self.reward_failures),
+                "world_size": self.world_size,
+                "wandb_run_id": self.tracker.run_id or "",
+            }
+            ckpt.write_state(tmp, state, config_to_dict(self.cfg))
+            final = ckpt.commit(tmp, self.output_dir, self.step, self.cfg.train.keep_last)
+            self.tracker.write(f"saved {final}")
+        acc.wait_for_everyone()
+        return final
+
+    def _load_state(self, path: Path) -> str | None:
+        """Restores optimizer, scheduler, data position, counters and RNG from a checkpoint. The weights were
+        already loaded from the same directory when the model was built."""
+        state = ckpt.read_state(path)
+        if state["world_size"] != self.world_size:
+            raise ValueError(f"{path} was written by {state['world_size']} processes; resuming with "
+                             f"{self.world_size} is not supported (the data shards and RNG streams would differ)")
+        self.step = int(state["step"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.is_deepspeed:
+            self.model.load_checkpoint(str(path / "deepspeed"), load_optimizer_states=True,
+                                       load_lr_scheduler_states=False)
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.consecutive_skips = int(state["consecutive_skips"])
+        self.skipped_updates = int(state["skipped_updates"])
+        self.reward_failures = dict(state["reward_failures"])
+        rng = torch.load(path / f"rng_rank{self.rank}.pt", map_location="cpu", weights_only=True)
+        ckpt.set_rng_state(rng, self.generator)
+        return state["wandb_run_id"] or None
+
+
+# ---- batch assembly helpers (pure) ------------------------------------------------------------------------------
+
+def _select_part(part, rows: torch.Tensor, G: int):
+    batch, texts, scores, examples = part
+    rows_list = rows.tolist()
+    sub_scores = {
+        "total": [scores.total[i] for i in rows_list],
+        "per_function": {k: [v[i] for i in rows_list] for k, v in scores.per_function.items()},
+    }
+    group_ids = rows_list[::G]
+    return (batch.select(rows), [texts[i] for i in rows_list], sub_scores,
+            [examples[i // G] for i in group_ids])
+
+
+def _as_scores(scores) -> dict:
+    if isinstance(scores, dict):
+        return scores
+    return {"total": list(scores.total), "per_function": {k: list(v) for k, v in scores.per_function.items()}}
+
+
+def _pad_to(t: torch.Tensor, width: int, value: int | float, left: bool) -> torch.Tensor:
+    extra = width - t.shape[1]
+    if extra <= 0:
+        return t
+    pad = t.new_full((t.shape[0], extra, *t.shape[2:]), value)
+    return torch.cat([pad, t] if left else [t, pad], dim=1)
+
+
+def _merge_parts(parts, G: int, num_groups: int, pad_id: int):
+    """Concatenates (batch, texts, scores, examples) parts and keeps the first `num_groups` groups."""
+    parts = [p for p in parts if len(p[3])]
+    batches = [p[0] for p in parts]
+    Tp = max(b.prompt_ids.shape[1] for b in batches)
+    Tc = max(b.completion_ids.shape[1] for b in batches)
+    routing = None
+    if all(b.routing is not None for b in batches):
+        routing = []
+        for layer in range(len(batches[0].routing)):
+            routing.append(torch.cat([
+                torch.cat([_pad_to(b.routing[layer][:, :b.prompt_ids.shape[1]], Tp, 0, left=True),
+                           _pad_to(b.routing[layer][:, b.prompt_ids.shape[1]:], Tc, 0, left=False)], dim=1)
+                for b in batches]))
+    merged = RolloutBatch(
+        prompt_ids=torch.cat([_pad_to(b.prompt_ids, Tp, pad_id, left=True) for b in batches]),
+        prompt_mask=torch.cat([_pad_to(b.prompt_mask, Tp, 0, left=True) for b in batches]),
+        completion_ids=torch.cat([_pad_to(b.completion_ids, Tc, pad_id, left=False) for b in batches]),
+        completion_mask=torch.cat([_pad_to(b.completion_mask, Tc, 0, left=False) for b in batches]),
+        sampling_logprobs=torch.cat([_pad_to(b.sampling_logprobs, Tc, 0.0, left=False) for b in batches]),
+        lengths=torch.cat([b.lengths for b in batches]),
+        finish_reasons=[f for b in batches for f in b.finish_reasons],
+        group_index=torch.cat([b.group_index for b in batches]),
+        routing=routing,
+    )
+    texts = [t for p in parts for t in p[1]]
+    scores = [_as_scores(p[2]) for p in parts]
+    totals = [v for s in scores for v in s["total"]]
+    per_function = {k: [v for s in scores for v in s["per_function"][k]] for k in scores[0]["per_function"]}
+    examples = [ex for p in parts for ex in p[3]]
+    n = num_groups * G
+    rows = torch.arange(n)
+    merged = merged.select(rows) if merged.completion_ids.shape[0] > n else merged
+    examples_per_row = [examples[i // G] for i in range(min(n, len(examples) * G))]
+    return (merged, texts[:n], {k: v[:n] for k, v in per_function.items()}, totals[:n], examples_per_row)
+
+
+def _to_device(rb: RolloutBatch, rows: slice, device: torch.device) -> RolloutBatch:
+    return RolloutBatch(
+        prompt_ids=rb.prompt_ids[rows].to(device), prompt_mask=rb.prompt_mask[rows].to(device),
+        completion_ids=rb.completion_ids[rows].to(device), completion_mask=rb.completion_mask[rows].to(device),
+        sampling_logprobs=rb.sampling_logprobs[rows].to(device), lengths=rb.lengths[rows],
+        finish_reasons=rb.finish_reasons[rows], group_index=rb.group_index[rows], routing=None)
+
+
+def train(cfg: Config) -> Trainer:
+    trainer = Trainer(cfg)
+    trainer.train()
+    return trainer
