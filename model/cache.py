@@ -1,8 +1,9 @@
-"""Latent KV cache for MLA decoding: per layer, per token, only the normalised latent and the roped shared key.
+"""Latent KV cache for MLA decoding: per layer and token, only the normalised latent and the roped shared key.
 
-One preallocated buffer (L, B, S_cap, kv_lora_rank + qk_rope_head_dim) holds every layer; `kv[i]` and `k_pe[i]` are
-views of its two parts, so the absorbed attention can score against both with a single matmul. Rows are sequences;
-all rows share `length` (left padding is expressed by the attention mask, not by per-row lengths).
+One preallocated buffer (L, B, S_cap, kv_lora_rank + qk_rope_head_dim) holds every layer; `kv[i]` and
+`k_pe[i]` are views of its two parts, so the absorbed attention scores against both with a single matmul.
+Rows are sequences; all rows share `length` (left padding is expressed by the attention mask, not by per-row
+lengths).
 
 Use: for each layer `update(i, kv, k_pe)` during a forward, then `advance(t)` once all layers have written.
 """
@@ -27,7 +28,9 @@ class LatentCache:
         self.kv_lora_rank = kv_lora_rank
         self.rope_dim = rope_dim
         if buffer is None:
-            buffer = torch.zeros(num_layers, batch_size, capacity, kv_lora_rank + rope_dim, dtype=dtype, device=device)
+            buffer = torch.zeros(
+                num_layers, batch_size, capacity, kv_lora_rank + rope_dim, dtype=dtype, device=device
+            )
         self.buffer = buffer  # (L, B, S_cap, C + R)
         self.length = length
         self.kv = [buffer[i, :, :, :kv_lora_rank] for i in range(num_layers)]  # each (B, S_cap, C)
@@ -35,7 +38,9 @@ class LatentCache:
 
     @classmethod
     def for_model(cls, cfg, batch_size: int, capacity: int, dtype: torch.dtype = torch.float32, device=None):
-        return cls(cfg.num_hidden_layers, batch_size, capacity, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype, device)
+        return cls(
+            cfg.num_hidden_layers, batch_size, capacity, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype, device
+        )
 
     @property
     def num_layers(self) -> int:
@@ -58,7 +63,7 @@ class LatentCache:
         return self.buffer.device
 
     def update_latent(self, layer_idx: int, kv: torch.Tensor, k_pe: torch.Tensor) -> torch.Tensor:
-        """Writes kv (B, t, C), k_pe (B, t, R) after the filled part; returns layer (B, length + t, C + R) view."""
+        """Writes kv (B, t, C), k_pe (B, t, R) after the filled part; returns (B, length + t, C + R)."""
         B, t, _ = kv.shape
         end = self.length + t
         if end > self.capacity:
@@ -73,14 +78,18 @@ class LatentCache:
         layer[:, self.length : end, self.kv_lora_rank :] = k_pe
         return layer[:, :end]
 
-    def update(self, layer_idx: int, kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Writes kv (B, t, C), k_pe (B, t, R); returns (kv_all (B, length + t, C), k_pe_all (B, length + t, R))."""
+    def update(
+        self, layer_idx: int, kv: torch.Tensor, k_pe: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Writes kv (B, t, C), k_pe (B, t, R); returns kv_all (B, length+t, C), k_pe_all (B, length+t, R)."""
         latent = self.update_latent(layer_idx, kv, k_pe)
         return latent[..., : self.kv_lora_rank], latent[..., self.kv_lora_rank :]
 
     def advance(self, t: int) -> None:
         if self.length + t > self.capacity:
-            raise ValueError(f"cannot advance LatentCache by {t}: {self.length} + {t} > capacity {self.capacity}")
+            raise ValueError(
+                f"cannot advance LatentCache by {t}: {self.length} + {t} > capacity {self.capacity}"
+            )
         self.length += t
 
     def repeat_interleave(self, repeats: int) -> "LatentCache":
@@ -92,13 +101,21 @@ class LatentCache:
         return self._with_buffer(self.buffer.index_select(1, rows.to(self.buffer.device)))
 
     def _with_buffer(self, buffer: torch.Tensor) -> "LatentCache":
-        return LatentCache(buffer.shape[0], buffer.shape[1], buffer.shape[2], self.kv_lora_rank, self.rope_dim,
-                           buffer=buffer, length=self.length)
+        return LatentCache(
+            buffer.shape[0],
+            buffer.shape[1],
+            buffer.shape[2],
+            self.kv_lora_rank,
+            self.rope_dim,
+            buffer=buffer,
+            length=self.length,
+        )
 
     def nbytes(self) -> int:
         """Bytes allocated: num_layers * B * capacity * (kv_lora_rank + rope_dim) * element size."""
         return self.buffer.numel() * self.buffer.element_size()
 
     def __repr__(self) -> str:
-        L, B, S, D = self.buffer.shape
-        return f"LatentCache(layers={L}, batch={B}, length={self.length}/{S}, dim={self.kv_lora_rank}+{self.rope_dim})"
+        L, B, S, _ = self.buffer.shape
+        dims = f"{self.kv_lora_rank}+{self.rope_dim}"
+        return f"LatentCache(layers={L}, batch={B}, length={self.length}/{S}, dim={dims})"

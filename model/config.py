@@ -1,10 +1,10 @@
 """DeepSeek-V2 / DeepSeek-V3 model config, read from and written to a Hugging Face `config.json`.
 
-Field names are Hugging Face's. Every key of a config.json is either a field below, a known piece of metadata we
-can ignore safely (KNOWN_METADATA), or an error that names it: a setting we do not implement is never dropped
-silently. Both the legacy DeepSeek form (`rope_theta` + `rope_scaling`, as in the released checkpoints) and the
-transformers-5 form (`rope_parameters`) are read; `to_dict` writes the legacy form, which every transformers
-version reads.
+Field names are Hugging Face's. Every key of a config.json is either a field below, a known piece of metadata
+we can ignore safely (KNOWN_METADATA), or an error that names it: a setting we do not implement is never
+dropped silently. Both the legacy DeepSeek form (`rope_theta` + `rope_scaling`, as in the released
+checkpoints) and the transformers-5 form (`rope_parameters`) are read; `to_dict` writes the legacy form, which
+every transformers version reads.
 """
 
 import dataclasses
@@ -18,29 +18,83 @@ MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
 ARCHITECTURES = {"deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
 SCORING_FUNCS = ("softmax", "sigmoid")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
-YARN_KEYS = {"factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
-             "attention_factor", "truncate"}
+YARN_KEYS = {
+    "factor",
+    "original_max_position_embeddings",
+    "beta_fast",
+    "beta_slow",
+    "mscale",
+    "mscale_all_dim",
+    "attention_factor",
+    "truncate",
+}
 
 # Keys with no effect on the maths of this implementation: bookkeeping, transformers' generic PretrainedConfig
 # fields (written out in full by `to_dict()`), and generation defaults that older configs carry.
 KNOWN_METADATA = {
-    "architectures", "auto_map", "torch_dtype", "dtype", "transformers_version", "_name_or_path", "use_cache",
-    "output_router_logits", "output_attentions", "output_hidden_states", "return_dict", "ep_size",
-    "id2label", "label2id", "chunk_size_feed_forward", "problem_type", "torchscript", "tokenizer_class",
-    "task_specific_params", "finetuning_task", "prefix", "sep_token_id", "decoder_start_token_id",
-    "tf_legacy_loss", "use_bfloat16", "is_decoder", "tie_encoder_decoder", "cross_attention_hidden_size",
-    "max_length", "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups", "diversity_penalty",
-    "temperature", "top_k", "top_p", "typical_p", "repetition_penalty", "length_penalty", "no_repeat_ngram_size",
-    "encoder_no_repeat_ngram_size", "bad_words_ids", "num_return_sequences", "output_scores",
-    "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
-    "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
+    "architectures",
+    "auto_map",
+    "torch_dtype",
+    "dtype",
+    "transformers_version",
+    "_name_or_path",
+    "use_cache",
+    "output_router_logits",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+    "ep_size",
+    "id2label",
+    "label2id",
+    "chunk_size_feed_forward",
+    "problem_type",
+    "torchscript",
+    "tokenizer_class",
+    "task_specific_params",
+    "finetuning_task",
+    "prefix",
+    "sep_token_id",
+    "decoder_start_token_id",
+    "tf_legacy_loss",
+    "use_bfloat16",
+    "is_decoder",
+    "tie_encoder_decoder",
+    "cross_attention_hidden_size",
+    "max_length",
+    "min_length",
+    "do_sample",
+    "early_stopping",
+    "num_beams",
+    "num_beam_groups",
+    "diversity_penalty",
+    "temperature",
+    "top_k",
+    "top_p",
+    "typical_p",
+    "repetition_penalty",
+    "length_penalty",
+    "no_repeat_ngram_size",
+    "encoder_no_repeat_ngram_size",
+    "bad_words_ids",
+    "num_return_sequences",
+    "output_scores",
+    "return_dict_in_generate",
+    "forced_bos_token_id",
+    "forced_eos_token_id",
+    "remove_invalid_values",
+    "exponential_decay_length_penalty",
+    "suppress_tokens",
+    "begin_suppress_tokens",
 }
 # Keys that are fine only at the value that means "nothing special": key -> (accepted values, why).
 NEUTRAL_ONLY = {
     "attention_dropout": ((0, 0.0, None), "attention dropout is not implemented"),
     "mlp_bias": ((False, None), "MLP biases are not implemented"),
     "pretraining_tp": ((1, None), "tensor-parallel pretraining emulation is not implemented"),
-    "quantization_config": ((None,), "quantised (e.g. fp8) checkpoints are not supported; dequantise to bf16 first"),
+    "quantization_config": (
+        (None,),
+        "quantised (e.g. fp8) checkpoints are not supported; dequantise to bf16 first",
+    ),
     "use_sliding_window": ((False, None), "sliding-window attention is not implemented"),
     "is_encoder_decoder": ((False, None), "encoder-decoder models are not supported"),
     "add_cross_attention": ((False, None), "cross-attention is not supported"),
@@ -57,7 +111,9 @@ class ModelConfig:
     moe_intermediate_size: int = 2048
     num_hidden_layers: int = 61
     num_attention_heads: int = 128
-    num_key_value_heads: int | None = None  # MLA expands every head from the latent: must equal the head count
+    num_key_value_heads: int | None = (
+        None  # MLA expands every head from the latent: must equal the head count
+    )
     # Multi-head latent attention
     q_lora_rank: int | None = 1536  # None: a full-rank q_proj (DeepSeek-V2-Lite)
     kv_lora_rank: int = 512
@@ -82,7 +138,9 @@ class ModelConfig:
     num_nextn_predict_layers: int = 0  # multi-token-prediction heads: kept in config.json, not built here
     # Positions, norms, embeddings
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = None  # None or YaRN: {"type": "yarn", "factor", "original_max_position_embeddings", ...}
+    rope_scaling: dict | None = (
+        None  # None or YaRN: {"type": "yarn", "factor", "original_max_position_embeddings", ...}
+    )
     rope_interleave: bool = True  # rotary pairs are (x0, x1), (x2, x3), ... as in DeepSeek's checkpoints
     max_position_embeddings: int = 4096
     rms_norm_eps: float = 1e-6
@@ -92,11 +150,13 @@ class ModelConfig:
     bos_token_id: int | None = 0
     eos_token_id: int | list[int] | None = 1
     pad_token_id: int | None = None
-    extra: dict = field(default_factory=dict, repr=False)  # known metadata from config.json, written back as-is
+    extra: dict = field(default_factory=dict, repr=False, compare=False)  # metadata from config.json, kept
 
     def __post_init__(self):
         if self.model_type not in MODEL_TYPES:
-            raise ValueError(f"model_type={self.model_type!r} is not supported; expected one of {MODEL_TYPES}")
+            raise ValueError(
+                f"model_type={self.model_type!r} is not supported; expected one of {MODEL_TYPES}"
+            )
         v3 = self.model_type == "deepseek_v3"
         if self.scoring_func is None:
             self.scoring_func = "sigmoid" if v3 else "softmax"
@@ -108,24 +168,31 @@ class ModelConfig:
             self.rope_scaling = _normalise_rope_scaling(self.rope_scaling)
         self.validate()
 
-    # ---- derived sizes -------------------------------------------------------------------------------------------
     @property
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
     def is_moe_layer(self, i: int) -> bool:
-        """DeepSeek's rule: routed experts from layer first_k_dense_replace on, every moe_layer_freq-th layer."""
+        """DeepSeek's rule: experts from layer first_k_dense_replace on, in every moe_layer_freq-th layer."""
         return (
             self.n_routed_experts is not None
             and i >= self.first_k_dense_replace
             and i % self.moe_layer_freq == 0
         )
 
-    # ---- validation ----------------------------------------------------------------------------------------------
     def validate(self) -> None:
         errors = []
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "kv_lora_rank", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "kv_lora_rank",
+            "qk_rope_head_dim",
+            "v_head_dim",
+            "max_position_embeddings",
+        ):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 errors.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if not isinstance(self.qk_nope_head_dim, int) or self.qk_nope_head_dim < 0:
@@ -142,7 +209,9 @@ class ModelConfig:
         if self.hidden_act != "silu":
             errors.append(f"hidden_act={self.hidden_act!r} is not supported; only 'silu' (SwiGLU)")
         if not self.rope_interleave and self.model_type == "deepseek_v2":
-            errors.append("rope_interleave=false is only defined for deepseek_v3 (DeepSeek-V2 always interleaves)")
+            errors.append(
+                "rope_interleave=false is only defined for deepseek_v3 (DeepSeek-V2 always interleaves)"
+            )
         if self.moe_layer_freq < 1 or self.first_k_dense_replace < 0:
             errors.append(
                 f"need moe_layer_freq >= 1 and first_k_dense_replace >= 0, got {self.moe_layer_freq}, "
@@ -150,29 +219,34 @@ class ModelConfig:
             )
         if self.n_routed_experts is not None:
             if not self.moe_intermediate_size or not self.num_experts_per_tok:
-                errors.append("n_routed_experts is set, so moe_intermediate_size and num_experts_per_tok must be too")
+                errors.append(
+                    "n_routed_experts is set, so moe_intermediate_size and num_experts_per_tok must be too"
+                )
             elif not 0 < self.num_experts_per_tok <= self.n_routed_experts:
                 errors.append(
                     f"num_experts_per_tok={self.num_experts_per_tok} must be in [1, n_routed_experts="
                     f"{self.n_routed_experts}]"
                 )
             if self.scoring_func not in SCORING_FUNCS:
-                errors.append(f"scoring_func={self.scoring_func!r} is not supported; expected one of {SCORING_FUNCS}")
+                errors.append(
+                    f"scoring_func={self.scoring_func!r} is not supported; expected one of {SCORING_FUNCS}"
+                )
             if self.topk_method not in TOPK_METHODS:
-                errors.append(f"topk_method={self.topk_method!r} is not supported; expected one of {TOPK_METHODS}")
-            if self.topk_method in ("group_limited_greedy", "noaux_tc"):
-                if not self.n_group or not self.topk_group or self.n_routed_experts % self.n_group:
-                    errors.append(
-                        f"topk_method={self.topk_method!r} needs n_group dividing n_routed_experts and topk_group; "
-                        f"got n_group={self.n_group}, topk_group={self.topk_group}, "
-                        f"n_routed_experts={self.n_routed_experts}"
-                    )
+                errors.append(
+                    f"topk_method={self.topk_method!r} is not supported; expected one of {TOPK_METHODS}"
+                )
+            grouped = self.topk_method in ("group_limited_greedy", "noaux_tc")
+            if grouped and (not self.n_group or not self.topk_group or self.n_routed_experts % self.n_group):
+                errors.append(
+                    f"topk_method={self.topk_method!r} needs n_group dividing n_routed_experts, "
+                    f"and topk_group; got n_group={self.n_group}, topk_group={self.topk_group}, "
+                    f"n_routed_experts={self.n_routed_experts}"
+                )
         if self.rope_scaling is not None:
             errors += _rope_scaling_errors(self.rope_scaling)
         if errors:
             raise ValueError("invalid DeepSeek config:\n  " + "\n  ".join(errors))
 
-    # ---- (de)serialisation ---------------------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
         d = dict(d)
@@ -212,7 +286,9 @@ class ModelConfig:
                 else:
                     problems.append(f"{key}={value!r}: {why}")
             else:
-                close = difflib.get_close_matches(key, sorted(fields | KNOWN_METADATA | set(NEUTRAL_ONLY)), n=1)
+                close = difflib.get_close_matches(
+                    key, sorted(fields | KNOWN_METADATA | set(NEUTRAL_ONLY)), n=1
+                )
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 problems.append(f"unknown field {key!r}{hint}")
         if problems:

@@ -9,9 +9,10 @@ Two ways to attend, same result:
   plain     expands the latent with kv_b_proj into per-head keys/values and runs SDPA; best for training and
             prefill, where T is about S.
   absorbed  never expands: q_nope is folded through the key half of kv_b_proj into latent space
-            (q_lat = q_nope W_uk, (B, T, H, C)), scores are [q_lat | q_pe] . [c | k_pe] against the cache directly,
-            the weighted latent is mapped out through the value half (W_uv) per head. Every head shares the
-            latent, so all T*H query rows hit the cache in one matmul. Best for decoding (T small, S large).
+            (q_lat = q_nope W_uk, (B, T, H, C)), scores are [q_lat | q_pe] . [c | k_pe] against the cache
+            directly, and the weighted latent is mapped out through the value half (W_uv) per head. Every
+            head shares the latent, so all T*H query rows hit the cache in one matmul. Best for decoding
+            (T small, S large).
 """
 
 import torch
@@ -38,7 +39,9 @@ class MLA(nn.Module):
             self.q_proj = nn.Linear(D, H * qk_head_dim, bias=False)
         else:
             self.q_a_proj = nn.Linear(D, cfg.q_lora_rank, bias=bias)
-            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank)  # eps 1e-6 regardless of rms_norm_eps, as in DeepSeek
+            self.q_a_layernorm = RMSNorm(
+                cfg.q_lora_rank
+            )  # eps 1e-6 regardless of rms_norm_eps, as in DeepSeek
             self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * qk_head_dim, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(D, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=bias)
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank)
@@ -57,8 +60,8 @@ class MLA(nn.Module):
         layer_idx: int = 0,
         absorb: bool = False,
     ) -> torch.Tensor:
-        """x (B, T, D); cos/sin (B, T, Dr/2); mask (B, 1, T, S) bool, True = may attend, or None for plain causal
-        attention without a cache. With a cache, this layer's new latents are written at cache.length."""
+        """x (B, T, D); cos/sin (B, T, Dr/2); mask (B, 1, T, S) bool, True = may attend, or None for plain
+        causal attention without a cache. With a cache, this layer's new latents are written at its length."""
         B, T, _ = x.shape
         H, Dn, Dr, C = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
         if self.q_lora_rank is None:
@@ -93,8 +96,12 @@ class MLA(nn.Module):
         k = torch.cat((k_nope, k_pe.unsqueeze(2).expand(B, S, H, Dr)), dim=-1)  # (B, S, H, Dn + Dr)
         q = torch.cat((q_nope, q_pe), dim=-1)  # (B, T, H, Dn + Dr)
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # (B, H, T|S, D)
-            attn_mask=mask, is_causal=mask is None, scale=self.softmax_scale,
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),  # (B, H, T|S, D)
+            attn_mask=mask,
+            is_causal=mask is None,
+            scale=self.softmax_scale,
         )  # (B, H, T, Dv)
         return out.transpose(1, 2)
 
@@ -105,7 +112,9 @@ class MLA(nn.Module):
         w = self.kv_b_proj.weight.view(H, Dn + self.v_head_dim, C)
         w_uk, w_uv = w[:, :Dn], w[:, Dn:]  # (H, Dn, C), (H, Dv, C): views, nothing copied
         q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)  # (B, T, H, C)
-        q_cat = torch.cat((q_lat, q_pe), dim=-1).reshape(B, T * H, -1) * self.softmax_scale  # (B, T*H, C + Dr)
+        q_cat = (
+            torch.cat((q_lat, q_pe), dim=-1).reshape(B, T * H, -1) * self.softmax_scale
+        )  # (B, T*H, C + Dr)
         scores = torch.matmul(q_cat, latent.transpose(1, 2)).view(B, T, H, S)  # (B, T, H, S)
         if mask is not None:
             scores = scores.masked_fill(~mask[:, 0, :, None, :], torch.finfo(scores.dtype).min)

@@ -7,9 +7,9 @@ YaRN (as in DeepSeek-V2/V3 and transformers' `_compute_yarn_parameters`):
   softmax    scale becomes qk_head_dim^-0.5 * m(factor, mscale_all_dim)^2
   where m(s, a) = 0.1 * a * ln(s) + 1 for s > 1, else 1.
 
-Layout: DeepSeek checkpoints rotate interleaved pairs (x0, x1), (x2, x3), ... (`interleaved=True`). We read the
-pairs from the even/odd slots and write the rotated halves back as [evens | odds]. Query and key get the same
-permutation, so q.k, and hence attention, is unchanged; the cache simply stores keys in that order.
+Layout: DeepSeek checkpoints rotate interleaved pairs (x0, x1), (x2, x3), ... (`interleaved=True`). We read
+the pairs from the even/odd slots and write the rotated halves back as [evens | odds]. Query and key get the
+same permutation, so q.k, and hence attention, is unchanged; the cache simply stores keys in that order.
 """
 
 import math
@@ -24,7 +24,8 @@ def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
 
 def rope_inv_freq(dim: int, theta: float, rope_scaling: dict | None, max_position_embeddings: int):
     """Rotary inverse frequencies (dim/2,) float32 and the cos/sin magnitude (attention_factor)."""
-    base = theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)  # (dim/2,)
+    # Built on the CPU whatever the ambient default device (e.g. a meta-device model skeleton), moved on use.
+    base = theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim)  # (dim/2,)
     if rope_scaling is None or rope_scaling["rope_type"] == "default":
         return 1.0 / base, 1.0
     original = rope_scaling.get("original_max_position_embeddings") or max_position_embeddings
@@ -39,7 +40,9 @@ def rope_inv_freq(dim: int, theta: float, rope_scaling: dict | None, max_positio
     beta_fast = rope_scaling.get("beta_fast") or 32
     beta_slow = rope_scaling.get("beta_slow") or 1
 
-    def correction_dim(rotations: float) -> float:  # the dim whose wavelength fits `rotations` times in `original`
+    def correction_dim(
+        rotations: float,
+    ) -> float:  # the dim whose wavelength fits `rotations` times in `original`
         return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
 
     low, high = correction_dim(beta_fast), correction_dim(beta_slow)
@@ -48,7 +51,8 @@ def rope_inv_freq(dim: int, theta: float, rope_scaling: dict | None, max_positio
     low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001  # avoid a zero-width ramp
-    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)  # 0: keep, 1: interpolate
+    # 0: keep the original frequency (high-frequency dims), 1: fully interpolated (low-frequency dims)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
     inv_freq = (1.0 / (factor * base)) * ramp + (1.0 / base) * (1 - ramp)
     return inv_freq, float(attention_factor)
 
@@ -87,8 +91,10 @@ class RotaryEmbedding(nn.Module):
         return angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = True) -> torch.Tensor:
-    """Rotates x (B, T, H, R) at its positions; cos/sin (B, T, R/2). Output layout [rotated evens | rotated odds]."""
+def apply_rope(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = True
+) -> torch.Tensor:
+    """Rotates x (B, T, H, R) at its positions; cos/sin (B, T, R/2). Output [rotated evens | rotated odds]."""
     if interleaved:
         x1, x2 = x[..., 0::2], x[..., 1::2]  # pairs (x0, x1), (x2, x3), ...
     else:

@@ -1,9 +1,9 @@
-"""DeepSeek-V2/V3 decoder-only language model: embeddings -> N x (MLA, dense MLP or MoE) -> RMSNorm -> lm_head.
+"""DeepSeek-V2/V3 decoder-only language model: embeddings -> N x (MLA, dense MLP or MoE) -> norm -> lm_head.
 
 Parameter names are exactly those of transformers' DeepseekV2/V3ForCausalLM checkpoints, so state dicts move
-between the two without renaming. The forward takes an explicit LatentCache for decoding, derives positions from
-a left-padded attention mask, and can return per-token log-probs of given targets without ever holding the whole
-(B, T, V) float32 log-softmax.
+between the two without renaming. The forward takes an explicit LatentCache for decoding, derives positions
+from a left-padded attention mask, and can return per-token log-probs of given targets without ever holding
+the whole (B, T, V) float32 log-softmax.
 """
 
 from dataclasses import dataclass, field
@@ -67,7 +67,7 @@ class DeepseekModel(nn.Module):
 
 
 class DeepseekForCausalLM(nn.Module):
-    # Decoding steps of up to this many new tokens use the absorbed attention (cost ~ T*S*C instead of S*C*H*D).
+    # Cached steps of up to this many new tokens use absorbed attention (~T*S*C work, not S*C*H*D).
     absorb_max_tokens: int = 32
     # Target log-probs are computed over chunks of the sequence holding about this many logits each.
     logprob_chunk_elems: int = 1 << 24
@@ -77,8 +77,9 @@ class DeepseekForCausalLM(nn.Module):
         self.config = cfg
         self.model = DeepseekModel(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.rotary = RotaryEmbedding(cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling,
-                                      cfg.max_position_embeddings)
+        self.rotary = RotaryEmbedding(
+            cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings
+        )
         self.gradient_checkpointing = False
         self.apply(self._init_weights)
         if cfg.tie_word_embeddings:
@@ -110,7 +111,9 @@ class DeepseekForCausalLM(nn.Module):
         """Auxiliary-loss-free balancing: per MoE layer, bias += gamma * sign(mean_load - load)."""
         moe_layers = self.moe_layers
         if len(expert_counts) != len(moe_layers):
-            raise ValueError(f"expert_counts has {len(expert_counts)} entries; the model has {len(moe_layers)} MoE layers")
+            raise ValueError(
+                f"expert_counts has {len(expert_counts)} entries; the model has {len(moe_layers)} MoE layers"
+            )
         for moe, counts in zip(moe_layers, expert_counts):
             update_bias(moe.gate, counts, gamma)
 
@@ -127,7 +130,7 @@ class DeepseekForCausalLM(nn.Module):
         compute_entropy: bool = False,
         absorb: bool | None = None,
     ) -> "CausalLMOutput":
-        """input_ids (B, T); attention_mask (B, cached + T), 1 real / 0 pad (left padding), or None for all real."""
+        """input_ids (B, T); attention_mask (B, cached + T), 1 real / 0 pad (left padding), None: all real."""
         B, T = input_ids.shape
         device = input_ids.device
         past = cache.length if cache is not None else 0
@@ -136,13 +139,16 @@ class DeepseekForCausalLM(nn.Module):
             absorb = cache is not None and T <= self.absorb_max_tokens
         moe_layers = self.moe_layers
         if routing is not None and len(routing) != len(moe_layers):
-            raise ValueError(f"routing has {len(routing)} entries; the model has {len(moe_layers)} MoE layers")
+            raise ValueError(
+                f"routing has {len(routing)} entries; the model has {len(moe_layers)} MoE layers"
+            )
 
         # Positions count real tokens only, so a left-padded row matches the same row without padding.
         if attention_mask is not None:
             if attention_mask.shape != (B, S):
                 raise ValueError(
-                    f"attention_mask must cover cached + new tokens: expected {(B, S)}, got {tuple(attention_mask.shape)}"
+                    f"attention_mask must cover cached + new tokens: expected {(B, S)}, "
+                    f"got {tuple(attention_mask.shape)}"
                 )
             attention_mask = attention_mask.to(device)
             positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
@@ -154,7 +160,7 @@ class DeepseekForCausalLM(nn.Module):
             k_pos = torch.arange(S, device=device)
             allowed = k_pos[None, :] <= q_pos[:, None]  # (T, S) causal
             if attention_mask is not None:
-                # A padding query may still see itself, so its (ignored) row stays finite: no NaN reaches backward.
+                # A padding query still sees itself, so its (ignored) row stays finite: no NaN in backward.
                 allowed = (allowed & attention_mask.bool()[:, None, :]) | (k_pos[None, :] == q_pos[:, None])
             mask = allowed.expand(B, T, S).unsqueeze(1)  # (B, 1, T, S)
 
@@ -187,7 +193,11 @@ class DeepseekForCausalLM(nn.Module):
         return out
 
     def target_logprobs(
-        self, h: torch.Tensor, target_ids: torch.Tensor, temperature: float = 1.0, compute_entropy: bool = False
+        self,
+        h: torch.Tensor,
+        target_ids: torch.Tensor,
+        temperature: float = 1.0,
+        compute_entropy: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """h (B, T, D) final hidden states -> log p(target) (B, T) [, entropy (B, T)], chunked over T.
 

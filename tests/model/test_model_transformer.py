@@ -1,0 +1,192 @@
+"""DeepseekForCausalLM: target log-probs without the full log-softmax, gradient checkpointing, routing replay,
+router-bias balancing, parameter names and tying."""
+
+import pytest
+import torch
+
+from model.config import ModelConfig
+from model.transformer import DeepseekForCausalLM
+
+BASE = dict(
+    model_type="deepseek_v3",
+    vocab_size=70,
+    hidden_size=32,
+    intermediate_size=48,
+    moe_intermediate_size=16,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    q_lora_rank=16,
+    kv_lora_rank=16,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=8,
+    v_head_dim=8,
+    n_routed_experts=8,
+    n_shared_experts=1,
+    num_experts_per_tok=2,
+    n_group=4,
+    topk_group=2,
+    first_k_dense_replace=1,
+    max_position_embeddings=64,
+)
+
+
+def make_model(seed=0, **overrides) -> DeepseekForCausalLM:
+    torch.manual_seed(seed)
+    model = DeepseekForCausalLM(ModelConfig.from_dict({**BASE, **overrides}))
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            t.copy_(
+                1 + 0.2 * torch.randn_like(t) if name.endswith("norm.weight") else 0.2 * torch.randn_like(t)
+            )
+    return model
+
+
+def ids(B, T, seed=0):
+    return torch.randint(0, BASE["vocab_size"], (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_target_logprobs_and_entropy_match_full_log_softmax(temperature):
+    model = make_model()
+    x, targets = ids(2, 11), ids(2, 11, seed=1)
+    model.logprob_chunk_elems = 3 * 2 * BASE["vocab_size"]  # chunks of 3 positions: 4 chunks, the last short
+    out = model(x, target_ids=targets, temperature=temperature, compute_entropy=True)
+    assert out.logits is None
+    logp = torch.log_softmax(model(x).logits.float() / temperature, dim=-1)  # (B, T, V) reference
+    expected = logp.gather(-1, targets[..., None])[..., 0]
+    expected_entropy = -(logp.exp() * logp).sum(-1)
+    assert out.logprobs.shape == out.entropy.shape == (2, 11)
+    assert torch.allclose(out.logprobs, expected, atol=1e-5)
+    assert torch.allclose(out.entropy, expected_entropy, atol=1e-5)
+
+
+def test_chunked_logprobs_gradients_match_direct():
+    model = make_model()
+    x, targets = ids(2, 9), ids(2, 9, seed=1)
+    weights = torch.randn(2, 9)
+    model.logprob_chunk_elems = 2 * 2 * BASE["vocab_size"]
+    (model(x, target_ids=targets).logprobs * weights).sum().backward()
+    chunked = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    logp = torch.log_softmax(model(x).logits.float(), dim=-1).gather(-1, targets[..., None])[..., 0]
+    (logp * weights).sum().backward()
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            assert torch.allclose(chunked[n], p.grad, atol=1e-5), n
+    assert "lm_head.weight" in chunked and chunked["lm_head.weight"].abs().sum() > 0
+
+
+def test_lm_head_called_as_a_module_per_chunk():
+    """ZeRO-3 gathers lm_head's weight in its forward hooks, so logprobs must go through the module call."""
+    model = make_model().eval()
+    calls = []
+    model.lm_head.register_forward_hook(lambda mod, inp, out: calls.append(tuple(out.shape)))
+    model.logprob_chunk_elems = 4 * 1 * BASE["vocab_size"]
+    with torch.no_grad():
+        model(ids(1, 10), target_ids=ids(1, 10, seed=1))
+    assert calls == [(1, 4, 70), (1, 4, 70), (1, 2, 70)]
+
+
+def test_gradient_checkpointing_same_loss_and_grads():
+    model = make_model(aux_loss_alpha=0.01).train()
+    x, targets = ids(2, 8), ids(2, 8, seed=1)
+
+    def loss_and_grads():
+        model.zero_grad()
+        out = model(x, target_ids=targets)
+        loss = -out.logprobs.mean() + out.aux_loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    loss, grads = loss_and_grads()
+    model.gradient_checkpointing_enable()
+    loss_ckpt, grads_ckpt = loss_and_grads()
+    assert torch.allclose(loss, loss_ckpt, atol=1e-6)
+    assert grads.keys() == grads_ckpt.keys()
+    for n in grads:
+        assert torch.allclose(grads[n], grads_ckpt[n], atol=1e-5), n
+
+
+def test_aux_loss_only_when_enabled_and_training():
+    x = ids(2, 8)
+    assert make_model().train()(x).aux_loss.item() == 0.0
+    model = make_model(aux_loss_alpha=0.01)
+    assert model.eval()(x).aux_loss.item() == 0.0
+    out = model.train()(x)
+    assert out.aux_loss.item() > 0 and out.aux_loss.requires_grad
+
+
+def test_routing_replay_and_expert_counts():
+    model = make_model().eval()
+    x = ids(2, 8)
+    with torch.no_grad():
+        first = model(x, return_routing=True)
+        n_moe = len(model.moe_layers)
+        assert len(first.routing) == len(first.expert_counts) == n_moe == 2
+        for r, c in zip(first.routing, first.expert_counts):
+            assert r.shape == (2, 8, 2) and c.shape == (8,) and c.sum() == 2 * 8 * 2
+            assert torch.equal(torch.bincount(r.flatten(), minlength=8), c)
+        # Moving the router bias changes the choice, but a replay of the recorded routing undoes that.
+        for moe in model.moe_layers:
+            moe.gate.e_score_correction_bias.copy_(torch.linspace(-1, 1, 8))
+        moved = model(x, return_routing=True)
+        assert any(not torch.equal(a, b) for a, b in zip(first.routing, moved.routing))
+        replay = model(x, routing=first.routing, return_routing=True)
+        assert torch.allclose(replay.logits, first.logits, atol=1e-6)
+        assert all(torch.equal(a, b) for a, b in zip(replay.routing, first.routing))
+        with pytest.raises(ValueError, match="routing has 1 entries; the model has 2 MoE layers"):
+            model(x, routing=first.routing[:1])
+
+
+def test_update_router_bias_moves_toward_balance():
+    model = make_model()
+    counts = [torch.tensor([10, 0, 2, 4, 4, 4, 4, 4]), torch.tensor([4] * 8)]
+    before = [moe.gate.e_score_correction_bias.clone() for moe in model.moe_layers]
+    model.update_router_bias(counts, gamma=0.1)
+    after = [moe.gate.e_score_correction_bias for moe in model.moe_layers]
+    assert torch.allclose(after[0] - before[0], torch.tensor([-0.1, 0.1, 0.1, 0, 0, 0, 0, 0]))  # mean load 4
+    assert torch.equal(after[1], before[1])  # already balanced: unchanged
+    with pytest.raises(ValueError, match="expert_counts has 1 entries"):
+        model.update_router_bias(counts[:1], gamma=0.1)
+
+
+def test_parameter_names_are_the_checkpoint_names():
+    model = make_model(first_k_dense_replace=1, moe_layer_freq=2, q_lora_rank=None)
+    names = set(model.state_dict())
+    assert "model.layers.0.mlp.gate_proj.weight" in names  # dense
+    assert "model.layers.1.mlp.up_proj.weight" in names  # dense: 1 % 2 != 0
+    assert "model.layers.2.mlp.experts.7.down_proj.weight" in names
+    assert "model.layers.2.mlp.gate.e_score_correction_bias" in names
+    assert "model.layers.2.mlp.shared_experts.gate_proj.weight" in names
+    assert "model.layers.0.self_attn.q_proj.weight" in names
+    assert not any("q_a_proj" in n or "rotary" in n or "inv_freq" in n for n in names)
+    assert {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"} <= names
+
+
+def test_tied_embeddings_share_one_tensor():
+    model = make_model(tie_word_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_fresh_init_is_small_and_finite():
+    torch.manual_seed(0)
+    model = DeepseekForCausalLM(ModelConfig.from_dict(BASE))
+    logits = model(ids(2, 6)).logits
+    assert torch.isfinite(logits).all() and logits.abs().max() < 1.0
+    assert all(
+        n.endswith("norm.weight") == bool((p == 1).all())
+        for n, p in model.named_parameters()
+        if n.endswith("norm.weight")
+    )
+
+
+def test_positions_follow_the_mask_not_the_column():
+    """Shifting a sequence right by padding does not change its logits (positions come from the mask)."""
+    model = make_model().eval()
+    x = ids(1, 6)
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), x], dim=1)
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        assert torch.allclose(model(padded, attention_mask=mask).logits[:, 3:], model(x).logits, atol=1e-5)
+        # Without the mask the padding would count as context and positions would shift.
+        assert not torch.allclose(model(padded).logits[:, 3:], model(x).logits, atol=1e-3)
