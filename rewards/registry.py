@@ -60,7 +60,7 @@ def reward(name: str, *, batched: bool = False):
         entry = _entry(fn, name, batched)
         _completion_param(entry)  # fail at definition time on an unusable signature
         existing = _REGISTRY.get(name)
-        if existing is not None and (existing.module, existing.qualname) != (entry.module, entry.qualname):
+        if existing is not None and not _same_function(existing, entry):
             raise ValueError(
                 f"reward name {name!r} is already registered by {existing.where}; "
                 f"pick another name for {entry.where}"
@@ -71,6 +71,13 @@ def reward(name: str, *, batched: bool = False):
         return fn
 
     return register
+
+
+def _same_function(a: RewardFn, b: RewardFn) -> bool:
+    # The same definition imported twice (a script run as __main__ and re-imported by a worker, a reloaded module).
+    if a.qualname != b.qualname:
+        return False
+    return a.module == b.module or (a.file is not None and a.file == b.file)
 
 
 def _entry(fn: Callable, name: str, batched: bool) -> RewardFn:
@@ -179,6 +186,16 @@ def load_function(path: str) -> RewardFn:
 
 def load_in_worker(module: str, qualname: str, file: str | None) -> Callable:
     """Find a function again inside a worker process (by module name, else from its file)."""
+    if module in ("__main__", "__mp_main__"):
+        # spawn already re-ran the parent's main script as __mp_main__ in this process
+        for name in ("__mp_main__", "__main__"):
+            main = sys.modules.get(name)
+            main_file = getattr(main, "__file__", None)
+            if main_file and file and os.path.abspath(main_file) == file:
+                try:
+                    return _lookup(main, qualname)
+                except AttributeError:
+                    pass
     if module not in ("__main__", "__mp_main__") and not module.startswith("_thinkzero_reward_"):
         try:
             return _lookup(importlib.import_module(module), qualname)

@@ -290,6 +290,11 @@ class Scorer:
             raise ValueError(f"timeout_s must be positive, got {timeout_s}")
         if not math.isfinite(fallback):
             raise ValueError(f"fallback must be a finite number, got {fallback}")
+        for s in specs:
+            if not isinstance(s.weight, (int, float)) or not math.isfinite(s.weight):
+                raise ValueError(f"reward {s.name!r}: weight must be a finite number, got {s.weight!r}")
+            if not isinstance(s.params, dict):
+                raise ValueError(f"reward {s.name!r}: params must be a mapping, got {type(s.params).__name__}")
         self.specs = specs
         self.timeout_s = timeout_s
         self.fallback = float(fallback)

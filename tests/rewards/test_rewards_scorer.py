@@ -2,6 +2,9 @@
 
 import math
 import os
+import pathlib
+import subprocess
+import sys
 import threading
 import time
 import warnings
@@ -249,3 +252,26 @@ def test_name_clash_is_an_error():
 
     with pytest.raises(ValueError, match="'test_exact' is already registered by .*exact"):
         reward("test_exact")(other)
+
+
+def test_reward_defined_in_a_script_runs_in_workers(tmp_path):
+    script = tmp_path / "train_like.py"
+    script.write_text(
+        "from rewards import RewardSpec, Scorer, reward\n"
+        "@reward('script_len')\n"
+        "def script_len(completion):\n"
+        "    return float(len(completion))\n"
+        "if __name__ == '__main__':\n"
+        "    with Scorer([RewardSpec('script_len')], num_workers=1, timeout_s=5.0) as s:\n"
+        "        print(s.score(['abc', 'de']).total)\n"
+    )
+    repo = pathlib.Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": str(repo)}, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[3.0, 2.0]"
+
+
+def test_empty_batch():
+    r = Scorer([RewardSpec("test_exact")], num_workers=0).score([], {"answer": []})
+    assert r.total == [] and r.per_function == {"test_exact": []}
