@@ -179,7 +179,7 @@ def _index_tensors(path: Path) -> dict[str, tuple[str, str, Callable, tuple]]:
     sources = {}
     for file in _weight_files(path):
         with _open(path, file) as f:
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
                 try:
                     shape = tuple(f.get_slice(key).get_shape())
                 except (SafetensorError, ValueError) as e:
@@ -259,6 +259,7 @@ def _plan_shards(tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list
 def _atomic_save(tensors: dict[str, torch.Tensor], file: Path) -> None:
     tmp = file.with_name(f".{file.name}.tmp")
     save_file(tensors, tmp, metadata={"format": "pt"})  # transformers refuses files without format=pt
+    os.chmod(tmp, 0o644)  # safetensors creates files private (0600); match the other files of the directory
     os.replace(tmp, file)
 
 

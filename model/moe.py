@@ -214,7 +214,7 @@ class MoE(nn.Module):
         self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x (N, D), topk_idx (N, k), topk_weights (N, k) -> (sum_k w * expert(x) (N, D), counts (E,) long)."""
-        N, k = topk_idx.shape
+        k = topk_idx.shape[1]
         flat_idx = topk_idx.reshape(-1)  # (N*k,)
         counts = torch.bincount(flat_idx, minlength=self.n_routed_experts)  # (E,)
         order = flat_idx.argsort(stable=True)  # slots grouped by expert

@@ -117,7 +117,7 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         raise FileNotFoundError(f"{path}: no {TOKENIZER_FILE}; only fast (tokenizers-library) tokenizers are supported")
     try:
         backend = Backend.from_file(str(path / TOKENIZER_FILE))
-    except Exception as e:  # the tokenizers library raises plain Exceptions
+    except Exception as e:  # noqa: BLE001 (the tokenizers library raises plain Exceptions)
         raise ValueError(f"{path / TOKENIZER_FILE}: cannot parse tokenizer ({e})") from None
     config = {}
     if (path / CONFIG_FILE).is_file():

@@ -153,9 +153,7 @@ def test_truncated_file_names_the_file(saved):
 
 def test_truncated_shard_names_the_shard(tmp_path):
     save_model(tiny_model(), tmp_path, max_shard_bytes=100_000)
-    shard = tmp_path / "model-00002-of-00004.safetensors"
-    if not shard.exists():
-        shard = sorted(tmp_path.glob("model-00002-*.safetensors"))[0]
+    shard = next(tmp_path.glob("model-00002-*.safetensors"))
     shard.write_bytes(shard.read_bytes()[:50])
     with pytest.raises(CheckpointError, match=shard.name):
         load_model(tmp_path)
@@ -163,7 +161,7 @@ def test_truncated_shard_names_the_shard(tmp_path):
 
 def test_index_naming_a_missing_shard(tmp_path):
     save_model(tiny_model(), tmp_path, max_shard_bytes=100_000)
-    victim = sorted(tmp_path.glob("model-*.safetensors"))[-1]
+    victim = max(tmp_path.glob("model-*.safetensors"))
     victim.unlink()
     with pytest.raises(CheckpointError, match=f"shard files that do not exist: \\['{victim.name}'\\]"):
         load_model(tmp_path)
@@ -216,3 +214,29 @@ def test_loads_transformers_save_pretrained_directory(tmp_path):
     # transformers fuses experts in memory: expert 2's gate rows are the first half of gate_up_proj[2].
     assert torch.equal(ours.model.layers[1].mlp.experts[2].gate_proj.weight,
                        hf_state["model.layers.1.mlp.experts.gate_up_proj"][2, :32])
+
+
+def test_make_model_script_writes_a_loadable_directory(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from model.presets import write_random_model
+    from model.tokenizer import load_tokenizer
+
+    made = write_random_model("tiny", tmp_path / "v2", seed=3, model_type="deepseek_v2")
+    model, tok = load_model(tmp_path / "v2"), load_tokenizer(tmp_path / "v2")
+    assert model.config.model_type == "deepseek_v2" and model.config.topk_method == "group_limited_greedy"
+    assert tok.vocab_size == model.config.vocab_size == 128
+    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (
+        model.config.pad_token_id, model.config.bos_token_id, model.config.eos_token_id)
+    ids = torch.tensor([tok.encode(tok.apply_chat_template([{"role": "user", "content": "2+2?"}]))])
+    assert torch.equal(logits(model, ids), logits(made.eval(), ids))
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "make_model.py"
+    run = subprocess.run([sys.executable, str(script), "--preset", "tiny", str(tmp_path / "cli"), "--seed", "3"],
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert run.returncode == 0, run.stderr
+    assert sorted(p.name for p in (tmp_path / "cli").iterdir()) == [
+        "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    assert load_model(tmp_path / "cli").config.model_type == "deepseek_v3"
