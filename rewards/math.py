@@ -10,9 +10,11 @@ Where the answer is taken from, in order:
 
 When two answers are equal (see tests/rewards/test_rewards_math.py for the table):
   * same text after normalisation (case, spaces, \\text{}, \\left/\\right, $, trailing period);
-  * numbers: exact rational comparison (1,234 = 1234; 0.5 = 1/2 = \\frac{1}{2} = \\dfrac12; 1.5e3 = 1500);
-    when either side is written with a decimal point the relative tolerance is 1e-6, so 0.3333333 = 1/3 but
-    0.33 != 1/3 and 0.333 != 1/3; irrational values (\\sqrt, \\pi, e, logs) compare as floats to 1e-9 relative;
+  * numbers: exact rational comparison (1,234 = 1234; 0.5 = 1/2 = \\frac{1}{2} = \\dfrac12; 1.5e3 = 1500).
+    A decimal may approximate a value that has no finite decimal expansion, to 1e-6 relative: 0.3333333 = 1/3 and
+    1.41421356 = \\sqrt{2}, but 0.33 != 1/3, 0.333 != 1/3, 3.14 != \\pi; a value that has a finite expansion must
+    match exactly (1000000.5 != 1000000, 0.7500001 != 3/4). Irrational values (\\sqrt, \\pi, e, logs) otherwise
+    compare as floats to 1e-9 relative;
   * a percentage `p%` also equals p/100 on the other side (50% = 50 = 0.5; 50 != 0.5);
   * units and words around numbers are dropped (5 cm = 5, \\$1,000 = 1000, 30^\\circ = 30), `x = 3` = 3;
   * expressions with variables: equal at three random rational points (exactly where arithmetic stays rational),
@@ -122,7 +124,7 @@ def gold_answer(gold: str) -> str:
 
 # --- parsing (cached: a gold answer is graded once per sampled completion) -------------------------------------------
 
-_NORM_RE = re.compile(r"\\(?:text|textbf|mathrm|mbox|textnormal)\b|\\left|\\right|\\!|\\,|\\;|[\s{}$]")
+_NORM_RE = re.compile(r"\\left|\\right|\\!|\\,|\\;|[\s$]")
 
 
 def _norm_string(text: str) -> str:
@@ -153,11 +155,23 @@ _POINTS = [
 ]
 
 
+def _terminates(x: Fraction) -> bool:
+    """Whether x has a finite decimal expansion (its denominator has no prime factors but 2 and 5)."""
+    d = x.denominator
+    for prime in (2, 5):
+        while d % prime == 0:
+            d //= prime
+    return d == 1
+
+
 def _close(a, b, rel: float) -> bool | None:
     if isinstance(a, Fraction) and isinstance(b, Fraction):
         if a == b:
             return True
-        return rel > 0 and abs(a - b) <= rel * max(abs(a), abs(b))
+        # A decimal may approximate a value it cannot write exactly (1/3, 2/7); a value it can write (an integer,
+        # 3/4) must be written exactly: 1000000.5 != 1000000.
+        inexact = not (_terminates(a) and _terminates(b))
+        return inexact and rel > 0 and abs(a - b) <= rel * max(abs(a), abs(b))
     try:
         ca, cb = complex(a), complex(b)
     except OverflowError:
@@ -349,6 +363,28 @@ def _equal(g, p) -> bool:
     return _equal_expr(g, p)
 
 
+def _expand_pm(node, budget: int = 2):
+    """A tree with a ± as the list of its values (1 \\pm \\sqrt{2} -> 1 + \\sqrt{2}, 1 - \\sqrt{2}); others unchanged."""
+    if budget == 0 or not mp.has_tag(node, {"pm"}):
+        return node
+    if node[0] == "rel":  # x = 1 \pm 2
+        sides = node[2]
+        last = _expand_pm(sides[-1], budget)
+        return last if last[0] == "list" and all(op == "=" for op in node[1]) else node
+    variants = []
+
+    def substitute(n, tag):
+        if n[0] == "pm":
+            return (tag, n[1], n[2])
+        return tuple(substitute(part, tag) if isinstance(part, tuple) and mp.has_tag(part, {"pm"}) else part
+                     for part in n)
+
+    for tag in ("add", "sub"):
+        expanded = _expand_pm(substitute(node, tag), budget - 1)
+        variants.extend(expanded[1] if expanded[0] == "list" else [expanded])
+    return ("list", variants)
+
+
 def answers_equal(gold: str, prediction: str) -> bool:
     """Equality of two bare answers (no extraction)."""
     if _norm_string(gold) == _norm_string(prediction) and _norm_string(gold):
@@ -357,7 +393,7 @@ def answers_equal(gold: str, prediction: str) -> bool:
     if g is None or p is None:
         return False
     try:
-        return _equal(g, p)
+        return _equal(_expand_pm(g), _expand_pm(p))
     except (mp.AnswerError, RecursionError):
         return False
 

@@ -14,7 +14,7 @@ Anything over a bound raises `TooLarge`; anything unparseable raises `ParseError
 Tree nodes (tuples, first item is the tag):
   expressions: ("num", Fraction, is_decimal) ("sym", name) ("const", "pi"|"e"|"i"|"inf") ("add"|"sub"|"mul"|"div"|"pow", a, b)
                ("neg", a) ("fact", a) ("func", name, a) ("log", base, a) ("root", a, n) ("abs", a) ("binom", n, k)
-               ("percent", a)
+               ("percent", a) ("pm", a, b) (a ± b: stands for the two values a + b and a - b)
   structure:   ("rel", ops, sides) ("seq", open, close, items) ("set", items) ("list", items) ("union", parts)
                ("matrix", rows) ("text", str)
 """
@@ -140,7 +140,7 @@ def tokenize(text: str, _depth: int = 0) -> list[tuple[str, object, bool]]:
             if digits > MAX_DIGITS:
                 raise TooLarge("number with too many digits")
             prev = tokens[-1] if tokens else None
-            if prev is not None and prev[0] == "cmd" and prev[1] in ("frac", "sqrt", "binom") and attached:
+            if prev is not None and prev[0] == "cmd" and prev[1] in ("frac", "sqrt", "binom"):
                 # \frac12 and \sqrt2: LaTeX takes a single character as the argument.
                 for ch in value:
                     tokens.append(("num", ch, True))
@@ -302,14 +302,17 @@ class _Parser:
         if self.at_op("-"):
             self.pos += 1
             left = self.node("neg", self.parse_term())
+        elif self.at_op("\\pm", "\\mp"):  # ±3: the two values 3 and -3
+            self.pos += 1
+            left = self.node("pm", self.node("num", Fraction(0), False), self.parse_term())
         else:
             if self.at_op("+"):
                 self.pos += 1
             left = self.parse_term()
-        while self.at_op("+", "-"):
+        while self.at_op("+", "-", "\\pm", "\\mp"):
             op = self.next()[1]
             right = self.parse_term()
-            left = self.node("add" if op == "+" else "sub", left, right)
+            left = self.node({"+": "add", "-": "sub", "pm": "pm", "mp": "pm"}[op], left, right)
         self.leave()
         return left
 

@@ -47,10 +47,16 @@ TABLE = [
     ("1.25", "1.250", True),
     ("0.1", "1/10", True),
     ("0.1", "1/100", False),
+    ("1000000", "1000000.5", False),  # a decimal only gets a tolerance against values it cannot write exactly
+    ("3/4", "0.7500001", False),
+    ("2/7", "0.2857143", True),
+    ("\\frac{1}{23}", "\\frac{12}{3}", False),
+    ("x^{2}", "x^2", True),
     # \frac, \dfrac, \tfrac, mixed numbers
     ("\\frac{1}{2}", "\\dfrac{1}{2}", True),
     ("\\frac{1}{2}", "\\tfrac{1}{2}", True),
     ("\\frac{1}{2}", "\\frac12", True),
+    ("\\frac{1}{2}", "\\frac 12", True),
     ("\\frac{3}{4}", "\\frac34", True),
     ("\\frac{3}{4}", "\\frac43", False),
     ("\\frac{2}{4}", "\\frac{1}{2}", True),
@@ -184,6 +190,11 @@ TABLE = [
     ("-1, 3", "3 and -1", True),
     ("\\{1, 2\\}", "(1, 2)", False),
     ("1, 2, 3", "1, 2, 2", False),
+    ("1 \\pm \\sqrt{2}", "1 + \\sqrt{2}, 1 - \\sqrt{2}", True),
+    ("1 \\pm \\sqrt{2}", "x = 1 \\pm \\sqrt{2}", True),
+    ("1 \\pm \\sqrt{2}", "1 + \\sqrt{2}", False),
+    ("\\pm 3", "3, -3", True),
+    ("[2, 5]", "x \\in [2, 5]", True),
     # matrices
     ("\\begin{pmatrix} 1 & 2 \\\\ 3 & 4 \\end{pmatrix}", "\\begin{bmatrix}1&2\\\\3&4\\end{bmatrix}", True),
     ("\\begin{pmatrix} 1 & 2 \\\\ 3 & 4 \\end{pmatrix}", "\\begin{pmatrix}1&3\\\\2&4\\end{pmatrix}", False),
