@@ -138,9 +138,9 @@ def _parse(text: str):
         return None
     try:
         return mp.parse(mp.clean(text))
-    except mp.AnswerError:
+    except (mp.AnswerError, RecursionError):
         return None
-    except RecursionError:
+    except (ValueError, TypeError, IndexError, KeyError, ArithmeticError):  # a parser bug must not stop grading
         return None
 
 
@@ -395,6 +395,8 @@ def answers_equal(gold: str, prediction: str) -> bool:
     try:
         return _equal(_expand_pm(g), _expand_pm(p))
     except (mp.AnswerError, RecursionError):
+        return False
+    except (ValueError, TypeError, IndexError, KeyError, ArithmeticError):  # a grader bug must not stop grading
         return False
 
 

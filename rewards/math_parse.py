@@ -140,7 +140,7 @@ def tokenize(text: str, _depth: int = 0) -> list[tuple[str, object, bool]]:
             if digits > MAX_DIGITS:
                 raise TooLarge("number with too many digits")
             prev = tokens[-1] if tokens else None
-            if prev is not None and prev[0] == "cmd" and prev[1] in ("frac", "sqrt", "binom"):
+            if prev is not None and prev[0] == "cmd" and prev[1] in ("frac", "sqrt", "binom") and value.isdigit():
                 # \frac12 and \sqrt2: LaTeX takes a single character as the argument.
                 for ch in value:
                     tokens.append(("num", ch, True))

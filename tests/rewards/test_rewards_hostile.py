@@ -91,3 +91,21 @@ def test_bounded_but_legitimate_values_still_grade():
     assert verify("120", "\\boxed{5!}")
     assert not verify("1", BOMBS["latex_tower"])
     assert verify(BOMBS["latex_tower"], BOMBS["latex_tower"])  # identical text still matches
+
+
+def test_random_latex_soup_never_raises():
+    import random
+
+    pieces = ["\\frac", "\\sqrt", "{", "}", "(", ")", "[", "]", "^", "_", "1", "23", "0.5", ".", "x", "e", "i",
+              "\\pi", "+", "-", "/", "=", "<", "\\le", ",", "\\{", "\\}", "!", "%", "\\text{cm}", "\\boxed{",
+              "<answer>", "</answer>", "\\begin{pmatrix}", "\\end{pmatrix}", "&", "\\\\", "|", "\\infty", "\\cup",
+              "\\pm", "\\sin", "\\log_", "\\binom", " ", "and", "apples", "\\left(", "\\right)", "9^", "10^{", "$",
+              "\\cdot", "1e5", "\\sqrt[", "'"]
+    rng = random.Random(0)
+    start = time.perf_counter()
+    for _ in range(1500):
+        soup = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 40)))
+        gold = rng.choice(["1", "x", "(1,2)", "\\frac{1}{2}", "[0,1)", soup])
+        assert isinstance(verify(gold, soup), bool)
+        assert isinstance(verify(soup, gold), bool)
+    assert time.perf_counter() - start < 20
