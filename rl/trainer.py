@@ -45,14 +45,19 @@ class TrainingStopped(RuntimeError):
 
 def make_accelerator():
     """An Accelerator with the right process group: NCCL on GPUs; on CPU with several processes an explicit gloo
-    backend (without it each rank silently believes it is alone); nothing extra in a single process."""
+    backend (without it each rank silently believes it is alone); nothing extra in a single process.
+
+    Plain DDP on CPU also needs `cpu=True`: `accelerate launch` with a MULTI_GPU config starts the processes but does
+    not pass the config's `use_cpu` on to them, and without it accelerate reports distributed_type NO (no DDP wrapper,
+    barriers that do nothing). DeepSpeed must not get `cpu=True` (accelerate would then drop DeepSpeed)."""
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
-    handlers = []
+    handlers, cpu = [], False
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
-    return Accelerator(kwargs_handlers=handlers)
+        cpu = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true"
+    return Accelerator(cpu=cpu, kwargs_handlers=handlers)
 
 
 def seed_everything(seed: int) -> None:
@@ -186,7 +191,7 @@ class Trainer:
             columns=self.columns + ["prompt", "completion_ids", "num_tokens", "finish_reason"])
         self.sampling = SamplingParams(
             max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-            eos_token_ids=tuple(i for i in (self.tokenizer.eos_token_id,) if i is not None),
+            eos_token_ids=() if r.ignore_eos else tuple(i for i in (self.tokenizer.eos_token_id,) if i is not None),
             stop_strings=tuple(r.stop_strings), pad_token_id=self._pad_id(),
             return_routing=a.moe.routing_replay and self.moe_layers > 0)
 
