@@ -26,6 +26,7 @@ When two answers are equal (see tests/rewards/test_rewards_math.py for the table
 Nothing here evaluates model text as code; see math_parse for the bounds on every input.
 """
 
+import cmath
 import re
 from fractions import Fraction
 from functools import lru_cache
@@ -176,7 +177,7 @@ def _close(a, b, rel: float) -> bool | None:
         ca, cb = complex(a), complex(b)
     except OverflowError:
         return None
-    if ca != ca or cb != cb:  # nan
+    if cmath.isnan(ca) or cmath.isnan(cb):
         return None
     inf_a = abs(ca) == float("inf")
     inf_b = abs(cb) == float("inf")
@@ -247,7 +248,7 @@ def _equal_sympy(g, p) -> bool:
 
         diff = mp.to_sympy(g) - mp.to_sympy(p)
         return sympy.simplify(diff) == 0
-    except Exception:  # sympy raises many kinds of errors on odd input; undecided means not equal
+    except Exception:  # noqa: BLE001 -- sympy raises many kinds of errors on odd input; undecided means not equal
         return False
 
 
@@ -268,9 +269,9 @@ def _interval(node):
         a, b = sides
         op = ops[0]
         if a[0] == "sym" and b[0] != "sym":
-            var_left = True
+            pass
         elif b[0] == "sym" and a[0] != "sym":
-            var_left, (a, b) = False, (b, a)
+            a, b = b, a
             op = {"<": ">", ">": "<", "<=": ">=", ">=": "<="}[op]
         else:
             return None

@@ -25,8 +25,8 @@ import importlib.util
 import inspect
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 FACTS = ("prompt", "completion_ids", "num_tokens", "finish_reason")
 _BATCHED_FACT_ALIASES = {"prompts": "prompt", "finish_reasons": "finish_reason"}

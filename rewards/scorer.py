@@ -22,6 +22,7 @@ but timeouts cannot be enforced there and a hung function hangs the caller.
 """
 
 import difflib
+import itertools
 import math
 import numbers
 import os
@@ -97,7 +98,7 @@ def _call(fn, batched: bool, kwargs: dict, n: int):
     """Run one call; per-sample -> one result, batched -> list of n results or one failure."""
     try:
         out = fn(**kwargs)
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 -- containing whatever a reward raises is the point
         return ("fail", "exception", f"{type(err).__name__}: {err}".splitlines()[0][:300])
     if not batched:
         return _check_value(out)
@@ -114,7 +115,7 @@ def _worker_main(conn, progress, refs):
     """Worker process: load the functions, then run tasks until told to stop (None)."""
     try:
         fns = [registry.load_in_worker(module, qualname, file) for module, qualname, file in refs]
-    except BaseException:
+    except BaseException:  # noqa: BLE001 -- report any load failure to the parent, then exit
         conn.send(("init_error", traceback.format_exc()))
         return
     conn.send(("ready",))
@@ -294,7 +295,7 @@ class Scorer:
             if not isinstance(s.weight, (int, float)) or not math.isfinite(s.weight):
                 raise ValueError(f"reward {s.name!r}: weight must be a finite number, got {s.weight!r}")
             if not isinstance(s.params, dict):
-                raise ValueError(f"reward {s.name!r}: params must be a mapping, got {type(s.params).__name__}")
+                raise TypeError(f"reward {s.name!r}: params must be a mapping, got {type(s.params).__name__}")
         self.specs = specs
         self.timeout_s = timeout_s
         self.fallback = float(fallback)
@@ -385,7 +386,7 @@ class Scorer:
         if per_sample:
             num_chunks = max(1, min(n, 2 * max(self.num_workers, 1)))
             bounds = [round(c * n / num_chunks) for c in range(num_chunks + 1)]
-            for lo, hi in zip(bounds, bounds[1:]):
+            for lo, hi in itertools.pairwise(bounds):
                 items, samples = [], []
                 for fi in per_sample:
                     for i in range(lo, hi):
@@ -434,5 +435,5 @@ class Scorer:
     def __del__(self):
         try:
             self.close()
-        except Exception:
+        except Exception:  # noqa: BLE001,S110 -- interpreter shutdown: nothing useful to do
             pass
