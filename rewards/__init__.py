@@ -13,7 +13,7 @@ from rewards import format as _format  # noqa: F401
 from rewards import length as _length  # noqa: F401
 from rewards import math as _math  # noqa: F401
 from rewards import repetition as _repetition  # noqa: F401
-from rewards.registry import get, list_rewards, load_function, reward
+from rewards.registry import get, list_rewards, load_function, load_module, reward
 from rewards.scorer import RewardSpec, RewardWarning, Scorer, ScoreResult
 
-__all__ = ["RewardSpec", "RewardWarning", "ScoreResult", "Scorer", "get", "list_rewards", "load_function", "reward"]
+__all__ = ["RewardSpec", "RewardWarning", "ScoreResult", "Scorer", "get", "list_rewards", "load_function", "load_module", "reward"]

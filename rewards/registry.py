@@ -14,7 +14,8 @@ A reward function is a plain callable. Its signature says what it receives:
 Batched functions (`@reward("name", batched=True)`, TRL / open-r1 style) get lists and return a list of the same length.
 Return `None` for "cannot judge".
 
-Functions load by registered name, or without registration from `package.module:function` or `/path/file.py:function`.
+Functions load by registered name (a user module of @reward functions loads with `load_module`), or without
+registration from `package.module:function` or `/path/file.py:function`.
 An undecorated function loaded that way is batched when it has a `completions` parameter.
 """
 
@@ -148,6 +149,16 @@ def _lookup(module, qualname: str) -> Callable:
     for part in qualname.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def load_module(path: str):
+    """Import a user module by dotted name or .py path so that its @reward functions register."""
+    try:
+        if path.endswith(".py") or os.sep in path:
+            return _import_file(path)
+        return importlib.import_module(path)
+    except Exception as err:
+        raise ImportError(f"could not import reward module {path!r}: {type(err).__name__}: {err}") from err
 
 
 def load_function(path: str) -> RewardFn:

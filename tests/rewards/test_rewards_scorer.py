@@ -275,3 +275,17 @@ def test_reward_defined_in_a_script_runs_in_workers(tmp_path):
 def test_empty_batch():
     r = Scorer([RewardSpec("test_exact")], num_workers=0).score([], {"answer": []})
     assert r.total == [] and r.per_function == {"test_exact": []}
+
+
+def test_user_module_of_registered_rewards_loads_in_worker(tmp_path):
+    path = tmp_path / "team_rewards.py"
+    path.write_text("from rewards import reward\n"
+                    "@reward('test_team_len')\n"
+                    "def team_len(completion, answer):\n"
+                    "    return float(len(completion) == len(answer))\n")
+    registry.load_module(str(path))
+    assert "test_team_len" in registry.list_rewards()
+    with Scorer([RewardSpec("test_team_len")], num_workers=1, timeout_s=5.0) as s:
+        assert s.score(["ab", "abc"], {"answer": ["xy", "x"]}).per_function["test_team_len"] == [1.0, 0.0]
+    with pytest.raises(ImportError, match="could not import reward module 'no_such_team.rewards'"):
+        registry.load_module("no_such_team.rewards")
