@@ -53,11 +53,25 @@ def make_accelerator():
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
+    _resolve_deepspeed_config_file()
     handlers, cpu = [], False
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
         cpu = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true"
     return Accelerator(cpu=cpu, kwargs_handlers=handlers)
+
+
+def _resolve_deepspeed_config_file() -> None:
+    """The configs in recipes/accelerate name their DeepSpeed json relative to the repository root; accelerate reads
+    it relative to the working directory. Resolve it against the repository when it is not found from here."""
+    name = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if not name or name == "none" or Path(name).is_file():
+        return
+    in_repo = Path(__file__).resolve().parents[1] / name
+    if not in_repo.is_file():
+        raise FileNotFoundError(f"DeepSpeed config file {name!r} (deepspeed_config_file in the accelerate config) "
+                                f"exists neither in {os.getcwd()} nor in {in_repo.parent}")
+    os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(in_repo)
 
 
 def seed_everything(seed: int) -> None:
