@@ -197,8 +197,8 @@ class Trainer:
                 template=d.template, system_prompt=d.system_prompt, max_prompt_length=d.max_prompt_length)
             self.eval_examples = self.eval_examples[: d.eval_max_examples]
 
-        for module in cfg.rewards.modules:
-            tzrewards.registry.load_module(module) if hasattr(tzrewards.registry, "load_module") else None
+        for module in cfg.rewards.modules:  # user modules whose @reward functions the recipe names
+            tzrewards.load_module(module)
         self.scorer = tzrewards.Scorer(
             [{"name": f.name, "weight": f.weight, "params": f.params} for f in cfg.rewards.functions],
             num_workers=cfg.rewards.num_workers, timeout_s=cfg.rewards.timeout_s, fallback=cfg.rewards.fallback,
