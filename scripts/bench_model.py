@@ -181,6 +181,7 @@ def bench_moe(cfg: dict, batch: int, seq: int, repeats: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="w1")
+    parser.add_argument("--parts", default="abc", help="which measurements to run; (c) always runs last")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=7)
@@ -190,9 +191,12 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=512)
     args = parser.parse_args()
     cfg = preset(args.preset)
-    ours, theirs = same_weight_models(cfg)
-    bench_cache_bytes(ours, theirs, args.prompt_len, args.new_tokens)
-    bench_decode_step(ours, theirs, args.decode_batch, args.context, args.repeats * 3)
+    if "a" in args.parts or "b" in args.parts:
+        ours, theirs = same_weight_models(cfg)
+        if "a" in args.parts:
+            bench_cache_bytes(ours, theirs, args.prompt_len, args.new_tokens)
+        if "b" in args.parts:
+            bench_decode_step(ours, theirs, args.decode_batch, args.context, args.repeats * 3)
     speedup = bench_moe(cfg, args.batch, args.seq, args.repeats)
     print(f"speedup={speedup:.2f}")
 
