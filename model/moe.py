@@ -162,6 +162,8 @@ class MoEGate(nn.Module):
                     f"routing replay expects topk_idx of shape {(B, T, self.top_k)}, got {tuple(topk_idx.shape)}"
                 )
             idx = topk_idx.reshape(B * T, self.top_k).to(device=scores.device, dtype=torch.long)
+            if idx.numel() and not 0 <= int(idx.min()) <= int(idx.max()) < self.n_routed_experts:
+                raise ValueError(f"routing replay has expert ids outside [0, {self.n_routed_experts})")
         weights = self.weights(scores, idx)
         aux_loss = scores.new_zeros(())
         if self.training and self.aux_loss_alpha > 0:

@@ -115,6 +115,8 @@ def test_replay_with_wrong_shape_is_an_error():
     moe = make_moe()
     with pytest.raises(ValueError, match=r"routing replay expects topk_idx of shape \(2, 3, 2\)"):
         moe(torch.randn(2, 3, 32), torch.zeros(2, 3, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"expert ids outside \[0, 8\)"):
+        moe(torch.randn(2, 3, 32), torch.full((2, 3, 2), 8))
 
 
 def test_weights_hand_computed():
