@@ -32,6 +32,7 @@ from rl import checkpoint as ckpt
 from rl.advantages import group_advantages, group_reward_stats, group_rows, nonconstant_groups
 from rl.config import Config, check_world_size, config_to_dict, config_to_yaml
 from rl.data import PromptSampler, load_rows, prepare_examples
+from rl.faults import kill_point
 from rl.loss import masked_mean, policy_loss
 from rl.rollout import RolloutBatch, policy_for_sampling, rollout
 from rl.tracking import Tracker
@@ -306,6 +307,7 @@ class Trainer:
         t0 = time.perf_counter()
         batch = rollout(self.model, [ex["prompt_ids"] for ex in examples], G, self.sampling, self.generator,
                         decode=self.tokenizer.decode)
+        kill_point("rollout", self.step + 1)
         t1 = time.perf_counter()
         ids = [row[mask.bool()].tolist() for row, mask in zip(batch.completion_ids.cpu(), batch.completion_mask.cpu())]
         texts = [self.tokenizer.decode(row, skip_special_tokens=True) for row in ids]
@@ -314,6 +316,7 @@ class Trainer:
         facts = {"prompt": [row["prompt"] for row in rows], "completion_ids": ids, "num_tokens": batch.lengths.tolist(),
                  "finish_reason": batch.finish_reasons}
         scores = self.scorer.score(texts, columns=columns, facts=facts)
+        kill_point("scoring", self.step + 1)
         self._count_failures(scores)
         return batch, texts, scores, t1 - t0, time.perf_counter() - t1
 
@@ -532,6 +535,7 @@ class Trainer:
                     f"{self.step} (state saved in {self.output_dir}). Lower optim.lr or check the rewards/data.")
             return norm
         self.consecutive_skips = 0
+        kill_point("update", self.step + 1)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
@@ -611,6 +615,7 @@ class Trainer:
                 tzmodel.save_model(module, tmp)
                 self.tokenizer.save(tmp)
         torch.save(ckpt.rng_state(self.generator), tmp / f"rng_rank{self.rank}.pt")
+        kill_point("checkpoint", self.step)
         if self.is_deepspeed:
             self.model.save_checkpoint(str(tmp / "deepspeed"))
         acc.wait_for_everyone()

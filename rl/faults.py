@@ -1,0 +1,33 @@
+"""Fault injection for the kill-and-resume checks (scripts/chaos.py, tests/rl/test_rl_faults.py).
+
+`THINKZERO_CHAOS_KILL_AT=phase:step` makes the process SIGKILL itself when it reaches that phase of that (1-based)
+training step, so a test can land a kill exactly where it hurts most (half a checkpoint on disk). Unset — the normal
+case — every call is a dictionary lookup and nothing else. Phases, in the order a step passes them:
+    rollout     completions sampled, not yet scored
+    scoring     completions scored, advantages not yet computed
+    update      gradients computed, optimizer not yet stepped
+    checkpoint  weights written into the temporary checkpoint directory, trainer state and COMPLETE not yet
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+ENV = "THINKZERO_CHAOS_KILL_AT"
+PHASES = ("rollout", "scoring", "update", "checkpoint")
+
+
+def parse(value: str) -> tuple[str, int]:
+    """'update:3' -> ('update', 3); anything else is an error that names the accepted form."""
+    phase, _, step = value.partition(":")
+    if phase not in PHASES or not step.isdigit():
+        raise ValueError(f"{ENV}={value!r} must look like <phase>:<step> with phase one of {', '.join(PHASES)}")
+    return phase, int(step)
+
+
+def kill_point(phase: str, step: int) -> None:
+    """SIGKILLs this process if THINKZERO_CHAOS_KILL_AT names this phase and step (no cleanup, like a preemption)."""
+    value = os.environ.get(ENV)
+    if value and parse(value) == (phase, step):
+        os.kill(os.getpid(), signal.SIGKILL)
