@@ -89,12 +89,22 @@ def tmp_dir(output_dir: str | Path, step: int) -> Path:
 
 
 def begin(output_dir: str | Path, step: int) -> Path:
-    """A fresh temporary directory for checkpoint `step` (a leftover from a crashed write is removed)."""
+    """A fresh temporary directory for checkpoint `step`. Leftovers of writes that crashed (any step) are removed
+    first: they were never complete, so nothing can resume from them."""
+    for stale in Path(output_dir).glob(f".tmp-{PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = tmp_dir(output_dir, step)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     return tmp
+
+
+def _remove(checkpoint: Path) -> None:
+    """Deletes a checkpoint so that a crash part-way never leaves a directory that still looks complete."""
+    (checkpoint / COMPLETE).unlink(missing_ok=True)
+    _fsync_dir(checkpoint)
+    shutil.rmtree(checkpoint, ignore_errors=True)
 
 
 def write_state(tmp: Path, state: dict[str, Any], config: dict[str, Any]) -> None:
@@ -108,15 +118,19 @@ def commit(tmp: Path, output_dir: str | Path, step: int, keep_last: int | None) 
         if file.is_file():
             with open(file, "rb") as handle:
                 os.fsync(handle.fileno())
-    (tmp / COMPLETE).write_text(f"{step}\n")
+    with open(tmp / COMPLETE, "w") as handle:
+        handle.write(f"{step}\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    _fsync_dir(tmp)
     final = checkpoint_dir(output_dir, step)
-    if final.exists():
-        shutil.rmtree(final)
+    if final.exists():  # the same step saved again (e.g. a stop right after a periodic save)
+        _remove(final)
     os.replace(tmp, final)
     _fsync_dir(Path(output_dir))
     if keep_last:
         for old in list_checkpoints(output_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
     return final
 
 
