@@ -106,8 +106,10 @@ def write_random_model(name: str, out_dir, seed: int = 0, model_type: str | None
     torch.manual_seed(seed)
     model = DeepseekForCausalLM(cfg)
     tokenizer = build_char_tokenizer(vocab_size=cfg.vocab_size)
-    save_model(model, out_dir)
+    # Tokenizer first: save_model writes config.json last, so a directory with a config.json is complete even if
+    # the process was killed while writing it (the trainer's init_preset rewrites a directory without one).
     tokenizer.save(out_dir)
+    save_model(model, out_dir)
     return model
 
 
