@@ -69,6 +69,8 @@ def load_rows(source: str, config_name: str | None = None, split: str = "train")
             raise DataError(f"data files under {source} must all be one of {', '.join(_BUILDERS)}; "
                             f"found {', '.join(sorted(suffixes)) or 'none'}")
         builder = _BUILDERS[suffixes.pop()]
+        if all(Path(f).stat().st_size == 0 for f in files):  # datasets fails on these with a bare StopIteration
+            raise DataError(f"the dataset is empty: {source} holds no rows")
         return datasets.load_dataset(builder, data_files=files, split="train")
     if source.startswith((".", "/", "~")) or _suffix(source) in _BUILDERS:
         raise DataError(f"data source {source} does not exist")
