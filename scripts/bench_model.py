@@ -189,7 +189,10 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--decode-batch", type=int, default=16)
     parser.add_argument("--context", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cfg = preset(args.preset)
     if "a" in args.parts or "b" in args.parts:
         ours, theirs = same_weight_models(cfg)
