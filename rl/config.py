@@ -70,6 +70,7 @@ class RolloutSection:
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
     stop_strings: list[str] = field(default_factory=lambda: ["</answer>"])
+    ignore_eos: bool = False  # EOS does not end a completion (fixed-length rollouts for benchmarks)
 
 
 @dataclass
