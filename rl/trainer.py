@@ -384,7 +384,9 @@ class Trainer:
             metrics[f"rewards/{name}/failures"] = float(count)
         step = StepBatch(rollout=batch, advantages=advantages.to(self.device), rewards=rewards,
                          per_function=per_function, texts=texts, examples=examples_per_row)
+        t_logprobs = time.perf_counter()
         self._precompute_logprobs(step, metrics)
+        timing["timing/logprobs_s"] = time.perf_counter() - t_logprobs  # reference (and old) log-prob forwards
         return step, timing, metrics
 
     def _count_failures(self, scores) -> None:
