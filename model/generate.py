@@ -97,8 +97,12 @@ def sample_next(
     top_k: int = 0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    row_generators: Sequence[tuple[torch.Tensor, torch.Generator]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Draw one token per row. logits (n, V) are the raw policy logits.
+
+    `row_generators`, if given, replaces `generator`: a list of (row indices, generator) that together cover the
+    rows; each block of rows draws from its own generator.
 
     Returns (tokens (n,), sampling_logprobs (n,), logprobs (n,)). logprobs are under softmax(logits);
     sampling_logprobs under the distribution sampled from. Greedy (temperature 0) samples from a point mass, which
@@ -116,7 +120,12 @@ def sample_next(
         scaled = filter_logits(scaled, top_k, top_p)
     log_z_s = torch.logsumexp(scaled, dim=-1) if (filtered or temperature != 1.0) else log_z
     probs = torch.exp(scaled - log_z_s[:, None])  # (n, V)
-    tokens = torch.multinomial(probs, 1, generator=generator)  # (n, 1)
+    if row_generators is None:
+        tokens = torch.multinomial(probs, 1, generator=generator)  # (n, 1)
+    else:
+        tokens = torch.empty((probs.shape[0], 1), dtype=torch.long, device=probs.device)
+        for idx, gen in row_generators:
+            tokens[idx] = torch.multinomial(probs[idx], 1, generator=gen)
     sampling_logprobs = scaled.gather(-1, tokens)[:, 0] - log_z_s
     logprobs = logits.gather(-1, tokens)[:, 0] - log_z
     return tokens[:, 0], sampling_logprobs, logprobs
@@ -173,12 +182,14 @@ def generate(
     prompts: Sequence[Sequence[int]],
     num_generations: int,
     params: SamplingParams,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     decode: Callable[[list[int]], str] | None = None,
 ) -> GenerationOutput:
     """Sample `num_generations` completions for each prompt (token ids). See the module docstring.
 
-    `generator` drives all randomness (same seed -> same completions); it must live on the model's device.
+    `generator` drives all randomness (same seed -> same completions); it must live on the model's device. A list
+    of one generator per prompt gives each prompt its own stream, so a prompt's completions do not depend on which
+    other prompts share the batch (data-parallel training samples the same tokens with any number of processes).
     `decode(ids) -> str` is needed only for stop strings.
     """
     with torch.inference_mode():
@@ -204,6 +215,10 @@ def _generate(model, prompts, num_generations, params, generator, decode) -> Gen
 
     device, dtype = _model_device_dtype(model)
     P, G = len(prompts), num_generations
+    per_prompt = generator is not None and not isinstance(generator, torch.Generator)
+    if per_prompt and len(generator) != P:
+        raise ValueError(f"generate: got {len(generator)} generators for {P} prompts; give one per prompt or a "
+                         "single torch.Generator")
     N, T_new = P * G, params.max_new_tokens
     pad = params.pad_token_id
 
@@ -238,8 +253,12 @@ def _generate(model, prompts, num_generations, params, generator, decode) -> Gen
 
     rows = torch.arange(N, device=device)  # active row -> original row
     rows_list = list(range(N))  # same, on the host, for bookkeeping without device syncs
+    row_generators = None  # per-prompt streams: (active rows of prompt p, generator p), rebuilt when rows leave
     for step in range(T_new):
-        tok, slp, lp = sample_next(logits, params.temperature, params.top_k, params.top_p, generator)
+        if per_prompt and (row_generators is None or sum(len(i) for i, _ in row_generators) != len(rows_list)):
+            row_generators = _rows_by_prompt(rows_list, G, generator, device)
+        tok, slp, lp = sample_next(logits, params.temperature, params.top_k, params.top_p,
+                                   None if per_prompt else generator, row_generators)
         tokens[rows, step] = tok
         sampling_logprobs[rows, step] = slp
         logprobs[rows, step] = lp
@@ -302,6 +321,14 @@ def _generate(model, prompts, num_generations, params, generator, decode) -> Gen
         finish_reasons=finish_reasons,
         routing=routing,
     )
+
+
+def _rows_by_prompt(rows_list: list[int], G: int, generators, device) -> list[tuple[torch.Tensor, torch.Generator]]:
+    """Active-batch positions grouped by the prompt their original row belongs to, with that prompt's generator."""
+    positions: dict[int, list[int]] = {}
+    for i, row in enumerate(rows_list):
+        positions.setdefault(row // G, []).append(i)
+    return [(torch.tensor(idx, dtype=torch.long, device=device), generators[p]) for p, idx in positions.items()]
 
 
 def _shrink(keep: list[int], rows, rows_list, cache: LatentCache, attn_mask, per_row):
