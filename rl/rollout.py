@@ -1,7 +1,10 @@
 """The RL side of sampling: G completions for each prompt from a (possibly wrapped) policy, as one tensor batch.
 
 The policy may be a plain module, a DDP wrapper or a DeepSpeed engine. Under ZeRO-3 the parameters are gathered once for
-the whole rollout (not per token) and released after; otherwise the unwrapped module samples directly.
+the whole rollout (not per token) and released after. Sampling then runs on a hook-free twin of the module whose
+parameters are the gathered tensors (no copy): ZeRO-3's per-module hooks would otherwise re-partition and re-gather
+every layer at every decode step, a collective per call, and ranks decode different numbers of steps (rows stop at
+EOS), so the collectives would not match and the ranks would hang. Otherwise the unwrapped module samples directly.
 """
 
 from __future__ import annotations
@@ -59,6 +62,20 @@ def _is_zero3(model: nn.Module) -> bool:
     return callable(config) and config() == 3
 
 
+def _unhooked_twin(module: nn.Module) -> nn.Module:
+    """A module of the same class and config whose parameters and buffers ARE those of `module` (shared storage),
+    built on the meta device so nothing is allocated, and carrying none of `module`'s hooks."""
+    with torch.device("meta"):
+        twin = type(module)(module.config)
+    for name, param in module.named_parameters():
+        owner, _, leaf = name.rpartition(".")
+        setattr(twin.get_submodule(owner), leaf, nn.Parameter(param.data, requires_grad=False))
+    for name, buffer in module.named_buffers():
+        owner, _, leaf = name.rpartition(".")
+        setattr(twin.get_submodule(owner), leaf, buffer)
+    return twin.eval()
+
+
 @contextlib.contextmanager
 def policy_for_sampling(model: nn.Module) -> Iterator[nn.Module]:
     """The bare policy module, in eval mode with full parameters, for the duration of a rollout."""
@@ -66,13 +83,17 @@ def policy_for_sampling(model: nn.Module) -> Iterator[nn.Module]:
     if _is_zero3(model):
         import deepspeed  # only needed (and only importable cheaply) when DeepSpeed is in use
 
-        gather = deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
-    else:
-        gather = contextlib.nullcontext()
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None), torch.no_grad():
+            twin = _unhooked_twin(module)
+            try:
+                yield twin
+            finally:
+                del twin  # drop the references to the gathered tensors before they are released
+        return
     was_training = module.training
     module.eval()
     try:
-        with gather, torch.no_grad():
+        with torch.no_grad():
             yield module
     finally:
         module.train(was_training)
@@ -83,7 +104,7 @@ def rollout(
     prompts: list[list[int]],
     num_generations: int,
     params: SamplingParams,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
     decode: Callable[[list[int]], str] | None = None,
 ) -> RolloutBatch:
     """Samples `num_generations` completions for every prompt (token ids, already templated) and batches them."""
