@@ -81,6 +81,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def sampling_seed(seed: int, step: int, draw: int, prompt_index: int) -> int:
+    """A well-mixed 63-bit seed for one prompt's sampling stream."""
+    words = np.random.SeedSequence([seed % 2**64, step, draw, prompt_index]).generate_state(2, np.uint32)
+    return (int(words[0]) << 31) ^ int(words[1])
+
+
 def lr_lambda(warmup_steps: int, max_steps: int, schedule: str, min_ratio: float):
     """Multiplier of the base learning rate at a given (0-based) training step."""
 
@@ -131,9 +137,6 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.yaml").write_text(config_to_yaml(cfg))
         seed_everything(cfg.train.seed + self.rank)
-        # Sampling has its own generator, seeded per rank, so rollouts are reproducible and independent of how many
-        # random numbers anything else drew.
-        self.generator = torch.Generator(device=self.device).manual_seed(cfg.train.seed * 1000 + self.rank)
 
         if cfg.model.init_preset and not (Path(cfg.model.name_or_path) / "config.json").is_file():
             if self.is_main:
@@ -301,12 +304,20 @@ class Trainer:
 
     # ---- sampling and scoring ------------------------------------------------------------------------------------
 
-    def _sample(self, examples: list[dict]) -> tuple[RolloutBatch, list[str], Any, float, float]:
+    def _prompt_generators(self, num_prompts: int, draw: int) -> list[torch.Generator]:
+        """One sampling generator per prompt of this rank's slice of a draw, seeded by (seed, step, draw, the prompt's
+        index in the global draw): what a prompt samples depends on which prompt it is, not on which rank holds it or
+        on any RNG state, so runs agree across process counts and resume exactly without saving sampling state."""
+        first = self.rank * num_prompts  # every rank holds an equal, contiguous slice of each global draw
+        return [torch.Generator(device=self.device).manual_seed(
+            sampling_seed(self.cfg.train.seed, self.step, draw, first + i)) for i in range(num_prompts)]
+
+    def _sample(self, examples: list[dict], draw: int = 0) -> tuple[RolloutBatch, list[str], Any, float, float]:
         """G completions per example, decoded and scored. Returns (batch, texts, scores, rollout_s, reward_s)."""
         G = self.cfg.rollout.num_generations
         t0 = time.perf_counter()
-        batch = rollout(self.model, [ex["prompt_ids"] for ex in examples], G, self.sampling, self.generator,
-                        decode=self.tokenizer.decode)
+        batch = rollout(self.model, [ex["prompt_ids"] for ex in examples], G, self.sampling,
+                        self._prompt_generators(len(examples), draw), decode=self.tokenizer.decode)
         kill_point("rollout", self.step + 1)
         t1 = time.perf_counter()
         ids = [row[mask.bool()].tolist() for row, mask in zip(batch.completion_ids.cpu(), batch.completion_mask.cpu())]
@@ -331,7 +342,7 @@ class Trainer:
         examples = self.sampler.next_batch()
         draws = 0
         while True:
-            batch, texts, scores, t_roll, t_rew = self._sample(examples)
+            batch, texts, scores, t_roll, t_rew = self._sample(examples, draws)
             rollout_s += t_roll
             reward_s += t_rew
             part = (batch, texts, scores, examples)
@@ -616,7 +627,7 @@ class Trainer:
             if self.is_main:
                 tzmodel.save_model(module, tmp)
                 self.tokenizer.save(tmp)
-        torch.save(ckpt.rng_state(self.generator), tmp / f"rng_rank{self.rank}.pt")
+        torch.save(ckpt.rng_state(None), tmp / f"rng_rank{self.rank}.pt")  # every rank's global RNGs
         kill_point("checkpoint", self.step)
         if self.is_deepspeed:
             self.model.save_checkpoint(str(tmp / "deepspeed"))
@@ -659,7 +670,7 @@ class Trainer:
         self.skipped_updates = int(state["skipped_updates"])
         self.reward_failures = dict(state["reward_failures"])
         rng = torch.load(path / f"rng_rank{self.rank}.pt", map_location="cpu", weights_only=True)
-        ckpt.set_rng_state(rng, self.generator)
+        ckpt.set_rng_state(rng, None)
         return state["wandb_run_id"] or None
 
 
