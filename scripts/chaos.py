@@ -43,7 +43,8 @@ PHASE_KILLS = ("checkpoint:{save}", "update:{mid}", "scoring:{last}", "rollout:{
 UNTIMED = ("timing/", "throughput/")
 
 
-def write_setup(workdir: Path, steps: int, save_every: int, seed: int, max_new_tokens: int = 12) -> Path:
+def write_setup(workdir: Path, steps: int, save_every: int, seed: int, max_new_tokens: int = 12,
+                reward_workers: int = 1) -> Path:
     """Data, a tiny random model and the recipe (JSON is YAML) under workdir; returns the recipe path."""
     from model.presets import write_random_model
     from rl.arithmetic import Difficulty, make_problems, write_jsonl
@@ -62,7 +63,7 @@ def write_setup(workdir: Path, steps: int, save_every: int, seed: int, max_new_t
                  "template": "{prompt}\n", "max_prompt_length": 128},
         "rollout": {"num_generations": 4, "prompts_per_step": 2, "max_new_tokens": max_new_tokens},
         "rewards": {"functions": [{"name": f"{rewards}:letter_fraction"}, {"name": "math_accuracy"}],
-                    "num_workers": 1, "timeout_s": 30},
+                    "num_workers": reward_workers, "timeout_s": 30},
         "algorithm": {"loss_type": "dapo", "beta": 0.04},
         "optim": {"lr": 1e-3},
         "train": {"max_steps": steps, "save_every": save_every, "keep_last": 1, "seed": seed, "resume": "auto"},
@@ -73,13 +74,22 @@ def write_setup(workdir: Path, steps: int, save_every: int, seed: int, max_new_t
     return path
 
 
+def snapshot_code(workdir: Path) -> Path:
+    """A copy of the packages and scripts the runs execute. Every run of one chaos session then uses the same code,
+    even while the working tree changes under it (a reference run and a resumed run of different code cannot match)."""
+    code = workdir / "code"
+    for name in ("model", "rewards", "rl", "scripts"):
+        shutil.copytree(ROOT / name, code / name, ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
+    return code
+
+
 def launch(recipe: Path, out: Path, kill_at: str | None, log) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != KILL_ENV}
     env["WANDB_MODE"] = "disabled"
     if kill_at:
         env[KILL_ENV] = kill_at
     # A session of its own, so whatever the trainer leaves behind (reward workers) can be found and cleaned up.
-    return subprocess.Popen([sys.executable, str(ROOT / "scripts" / "train.py"), str(recipe),
+    return subprocess.Popen([sys.executable, str(recipe.parent / "code" / "scripts" / "train.py"), str(recipe),
                              f"train.output_dir={out}"], env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
 
@@ -156,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--save-every", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=12)
+    parser.add_argument("--reward-workers", type=int, default=1, help="0 = score in the trainer process")
     parser.add_argument("--seed", type=int, default=0, help="seeds the training runs and the kill times")
     parser.add_argument("--workdir", type=Path, default=None, help="kept afterwards; default: a temp dir, removed")
     args = parser.parse_args(argv)
@@ -166,7 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(args.seed)
     try:
-        recipe = write_setup(workdir, args.steps, args.save_every, args.seed, args.max_new_tokens)
+        snapshot_code(workdir)
+        recipe = write_setup(workdir, args.steps, args.save_every, args.seed, args.max_new_tokens,
+                             args.reward_workers)
         ref = workdir / "reference"
         t0 = time.monotonic()
         with open(workdir / "reference.log", "w") as log:

@@ -143,7 +143,7 @@ def test_kill_and_resume_is_exact(tmp_path, capsys):
     chaos = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(chaos)
     code = chaos.main(["--runs", "2", "--phase-kills", "1", "--steps", "2", "--save-every", "1",
-                       "--max-new-tokens", "6", "--workdir", str(tmp_path)])
+                       "--max-new-tokens", "4", "--reward-workers", "0", "--workdir", str(tmp_path)])
     out = capsys.readouterr().out
     assert out.rstrip().splitlines()[-1] == "exact_resumes=2/2", out
     assert code == 0
