@@ -57,9 +57,16 @@ def load_model(
     sources = _index_tensors(path)
     _check_names_and_shapes(path, cfg, expected, sources)
 
-    with torch.device(device):
+    # Build on the meta device and allocate uninitialised storage: no random init of weights we overwrite anyway
+    # (for a 16B model that would cost minutes and an fp32 copy of everything).
+    with torch.device("meta"):
         model = DeepseekForCausalLM(cfg)
-    model.to(dtype=dtype)
+    model.to(dtype=dtype).to_empty(device=device)
+    if cfg.tie_word_embeddings:  # to_empty gives every module its own new tensor; tie them again
+        model.lm_head.weight = model.model.embed_tokens.weight
+    for moe in model.moe_layers:  # the router bias stays fp32: bf16 would swallow small balancing updates
+        if moe.gate.e_score_correction_bias is not None:
+            moe.gate.e_score_correction_bias = moe.gate.e_score_correction_bias.float()
     targets = model.state_dict()
     with torch.no_grad():
         for name in expected:

@@ -240,3 +240,12 @@ def test_make_model_script_writes_a_loadable_directory(tmp_path):
     assert sorted(p.name for p in (tmp_path / "cli").iterdir()) == [
         "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
     assert load_model(tmp_path / "cli").config.model_type == "deepseek_v3"
+
+
+def test_bf16_load_keeps_router_bias_fp32(saved):
+    model, path = saved
+    loaded = load_model(path, dtype=torch.bfloat16)
+    gate = loaded.moe_layers[0].gate
+    assert loaded.lm_head.weight.dtype == torch.bfloat16
+    assert gate.e_score_correction_bias.dtype == torch.float32  # bf16 would swallow small balancing updates
+    assert torch.equal(gate.e_score_correction_bias, model.moe_layers[0].gate.e_score_correction_bias.float())
