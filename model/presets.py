@@ -1,6 +1,7 @@
 """Named model shapes for random-init models (tests, demos, benchmarks). Values use Hugging Face config.json names.
 
-`w1` is the benchmark model used across the project (about 9M parameters); `tiny` is for fast tests.
+`w1` is the benchmark model used across the project (about 9M parameters); `tiny` is for fast tests; `demo` is the
+CPU demo's policy (about 0.8M parameters: small enough to train in minutes on two cores, big enough to learn it).
 Both use a character vocabulary whose special tokens come first: <pad>=0, <bos>=1, <eos>=2, <unk>=3.
 """
 
@@ -39,6 +40,40 @@ PRESETS: dict[str, dict] = {
         rope_theta=10000.0,
         rope_scaling=None,
         max_position_embeddings=1024,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        **_SPECIAL_IDS,
+    ),
+    "demo": dict(
+        model_type="deepseek_v3",
+        vocab_size=128,
+        hidden_size=128,
+        intermediate_size=384,
+        moe_intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        q_lora_rank=64,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=16,
+        v_head_dim=32,
+        n_routed_experts=4,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        n_group=1,
+        topk_group=1,
+        topk_method="noaux_tc",
+        scoring_func="sigmoid",
+        norm_topk_prob=True,
+        routed_scaling_factor=1.0,
+        first_k_dense_replace=1,
+        moe_layer_freq=1,
+        hidden_act="silu",
+        attention_bias=False,
+        rope_theta=10000.0,
+        rope_scaling=None,
+        max_position_embeddings=512,
         rms_norm_eps=1e-6,
         tie_word_embeddings=False,
         **_SPECIAL_IDS,

@@ -1,7 +1,9 @@
 """Multi-step integer arithmetic word problems: the toy reasoning task of the CPU demo and the tiny test recipe.
 
-Each problem is a short story with `num_ops` operations on small integers; the gold answer is an integer and the
-worked solution is written in the think/answer format used for cold-start SFT. Everything is deterministic from a seed.
+Each problem is a short story with a few operations on small integers; the gold answer is an integer and the worked
+solution is written in the think/answer format used for cold-start SFT. Difficulty is the number of operations (a
+range) and the size of the operands. `make_splits` draws disjoint train / test / cold-start sets: no question text
+appears in two splits. Everything is deterministic from a seed.
 """
 
 from __future__ import annotations
@@ -17,19 +19,32 @@ ITEMS = ["apples", "books", "coins", "eggs", "pens", "shells", "stamps", "cards"
 
 @dataclass(frozen=True)
 class Difficulty:
-    num_ops: int = 2  # operations after the starting amount
+    num_ops: int = 2  # operations after the starting amount (the most, when min_ops is set)
     max_value: int = 20  # largest operand
     ops: str = "+-"  # allowed operations: '+', '-', '*'
+    min_ops: int | None = None  # fewest operations; None = exactly num_ops
+
+    def __post_init__(self):
+        low = self.num_ops if self.min_ops is None else self.min_ops
+        if not 1 <= low <= self.num_ops:
+            raise ValueError(f"Difficulty needs 1 <= min_ops <= num_ops; got min_ops={self.min_ops}, "
+                             f"num_ops={self.num_ops}")
+        if self.max_value < 2:
+            raise ValueError(f"Difficulty.max_value must be >= 2; got {self.max_value}")
+        if not self.ops or set(self.ops) - set("+-*"):
+            raise ValueError(f"Difficulty.ops must be a non-empty string of '+', '-', '*'; got {self.ops!r}")
 
 
 def make_problem(rng: random.Random, difficulty: Difficulty) -> dict:
     """One problem: {'question', 'answer' (str of an int), 'solution' (worked think/answer text), 'num_ops'}."""
     name = rng.choice(NAMES)
     item = rng.choice(ITEMS)
+    # Drawn only for a range, so fixed-length problems keep the stream they always had.
+    num_ops = difficulty.num_ops if difficulty.min_ops is None else rng.randint(difficulty.min_ops, difficulty.num_ops)
     value = rng.randint(1, difficulty.max_value)
     sentences = [f"{name} has {value} {item}."]
     steps = []
-    for _ in range(difficulty.num_ops):
+    for _ in range(num_ops):
         op = rng.choice(difficulty.ops)
         if op == "-" and value <= 1:
             op = "+"
@@ -50,12 +65,39 @@ def make_problem(rng: random.Random, difficulty: Difficulty) -> dict:
             value *= n
     question = " ".join(sentences) + f" How many {item} does {name} have?"
     solution = "<think>\n" + "\n".join(steps) + "\n</think>\n<answer>\n" + str(value) + "\n</answer>"
-    return {"question": question, "answer": str(value), "solution": solution, "num_ops": difficulty.num_ops}
+    return {"question": question, "answer": str(value), "solution": solution, "num_ops": num_ops}
 
 
 def make_problems(n: int, seed: int, difficulty: Difficulty = Difficulty()) -> list[dict]:
     rng = random.Random(seed)
     return [make_problem(rng, difficulty) for _ in range(n)]
+
+
+def make_splits(sizes: dict[str, int], seed: int, difficulty: Difficulty = Difficulty(),
+                max_tries_per_row: int = 50) -> dict[str, list[dict]]:
+    """Disjoint splits, e.g. {'train': 2000, 'test': 200, 'sft': 64} -> {'train': [...], 'test': [...], ...}.
+
+    Problems are drawn from one stream and a question already used by an earlier split is redrawn, so a held-out
+    question never appears in training. Splits are filled in the order given.
+    """
+    rng = random.Random(seed)
+    seen: set[str] = set()
+    out: dict[str, list[dict]] = {}
+    for split, n in sizes.items():
+        rows: list[dict] = []
+        tries = 0
+        while len(rows) < n:
+            tries += 1
+            if tries > max_tries_per_row * max(n, 1):
+                raise ValueError(f"could not draw {n} distinct problems for split {split!r} at {difficulty} "
+                                 f"(only {len(rows)} new ones); ask for fewer or make the task harder")
+            problem = make_problem(rng, difficulty)
+            if problem["question"] in seen:
+                continue
+            seen.add(problem["question"])
+            rows.append(problem)
+        out[split] = rows
+    return out
 
 
 def write_jsonl(rows: list[dict], path: str | Path) -> Path:
@@ -65,3 +107,10 @@ def write_jsonl(rows: list[dict], path: str | Path) -> Path:
         for row in rows:
             f.write(json.dumps(row) + "\n")
     return path
+
+
+def write_splits(out_dir: str | Path, sizes: dict[str, int], seed: int,
+                 difficulty: Difficulty = Difficulty()) -> dict[str, Path]:
+    """make_splits written as <out_dir>/<split>.jsonl (loadable with datasets' json builder); split -> path."""
+    splits = make_splits(sizes, seed, difficulty)
+    return {name: write_jsonl(rows, Path(out_dir) / f"{name}.jsonl") for name, rows in splits.items()}

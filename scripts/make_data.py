@@ -1,0 +1,43 @@
+"""Write the arithmetic word-problem splits (train / held-out test / cold-start SFT) as jsonl.
+
+    python scripts/make_data.py --out runs/demo/data [--seed 0] [--train 2000] [--test 200] [--sft 200]
+                                [--min-ops 2] [--max-ops 3] [--max-value 9] [--ops +-]
+
+Each row: question, answer (an integer, as text), solution (worked <think>…</think><answer>…</answer> text), num_ops.
+The splits are disjoint (no question in two of them) and the same for the same arguments.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from rl.arithmetic import Difficulty, write_splits  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train", type=int, default=2000, help="RL prompts")
+    p.add_argument("--test", type=int, default=200, help="held-out evaluation problems")
+    p.add_argument("--sft", type=int, default=200, help="worked examples for cold-start SFT")
+    p.add_argument("--min-ops", type=int, default=None, help="fewest operations per problem (default: --max-ops)")
+    p.add_argument("--max-ops", type=int, default=2, help="most operations per problem")
+    p.add_argument("--max-value", type=int, default=9, help="largest operand")
+    p.add_argument("--ops", default="+-", help="operations to use, from '+-*'")
+    args = p.parse_args(argv)
+    try:
+        difficulty = Difficulty(num_ops=args.max_ops, min_ops=args.min_ops, max_value=args.max_value, ops=args.ops)
+    except ValueError as e:
+        p.error(str(e))
+    # Test first: the held-out set stays the same when the other splits change size.
+    sizes = {"test": args.test, "train": args.train, "sft": args.sft}
+    for name, path in write_splits(args.out, sizes, args.seed, difficulty).items():
+        print(f"{name:>5}: {sizes[name]:>6} rows -> {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+"""Cold-start supervised fine-tuning from a recipe (completion-only loss); writes a model directory GRPO can start from.
+
+    python scripts/sft.py recipes/demo/sft.yaml [key.sub=value ...]
+
+e.g. `train.epochs=2 train.output_dir=runs/sft-smoke`. The output directory holds config.json, model.safetensors and
+the tokenizer (plus metrics.jsonl and sft_config.yaml), so `model.name_or_path` of a GRPO recipe can point at it.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from rl.config import ConfigError  # noqa: E402
+from rl.sft import load_sft_config, train_sft  # noqa: E402
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv else 2
+    try:
+        cfg = load_sft_config(argv[0], argv[1:])
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    train_sft(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
