@@ -264,3 +264,20 @@ def test_stop_strings_need_decode_and_prompts_must_be_non_empty():
         generate(model, PROMPTS, 1, SamplingParams(4, stop_strings=("</answer>",)))
     with pytest.raises(ValueError, match=r"prompts \[1\] are empty"):
         generate(model, [[1, 2], []], 1, SamplingParams(4))
+
+
+def test_per_prompt_generators_make_samples_independent_of_batch_mates():
+    model = make_model(seed=6)
+    params = SamplingParams(max_new_tokens=10, temperature=1.0, eos_token_ids=(2,))
+
+    def gens(*seeds):
+        return [torch.Generator().manual_seed(s) for s in seeds]
+
+    both = generate(model, PROMPTS[:2], 3, params, generator=gens(10, 11))
+    alone = generate(model, PROMPTS[1:2], 3, params, generator=gens(11))  # prompt 1 without prompt 0 (no padding)
+    n = alone.completion_ids.shape[1]
+    assert both.completion_ids[3:, :n].tolist() == alone.completion_ids.tolist()
+    assert both.finish_reasons[3:] == alone.finish_reasons
+    torch.testing.assert_close(both.logprobs[3:, :n], alone.logprobs, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="one per prompt"):
+        generate(model, PROMPTS[:2], 3, params, generator=gens(1))
