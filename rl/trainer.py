@@ -8,6 +8,18 @@ statistics never straddle ranks. Rewards are gathered before advantages are comp
 every logged number are global — they do not depend on the number of processes. Loss normalisers (the dapo token
 count, the number of sequences) are global too, and the loss is multiplied by the world size to undo the gradient
 averaging of DDP / DeepSpeed, so N processes take the same update as one process on the whole batch.
+
+Sampling is seeded per prompt, not per rank: each prompt of a step draws from its own generator seeded by
+(train.seed, step, draw, the prompt's index in the global batch). A prompt therefore gets the same completions whichever
+rank holds it and however many prompts share its batch, so 1 and N processes sample the same tokens (up to float
+rounding of the logits) and a resumed run samples exactly what the straight run did, with no sampling RNG to save.
+(Dynamic sampling is the exception: ranks draw extra prompts while any rank still needs groups, so how many extra
+draws happen depends on how the groups are split.)
+
+Under ZeRO-3 the rollout gathers the parameters once and samples on a hook-free twin (rl.rollout); the reference model
+is a DeepSpeed engine partitioned like the policy (model.ref_model_on_cpu keeps it whole on the CPU instead); MoE
+blocks are ZeRO-3 "leaf" modules and every rank pads its batch to the same shapes, so all ranks issue the same
+collectives. Checkpoints hold a consolidated Hugging Face model directory plus DeepSpeed's own state for resume.
 """
 
 from __future__ import annotations
@@ -37,6 +49,8 @@ from rl.loss import masked_mean, policy_loss
 from rl.rollout import RolloutBatch, policy_for_sampling, rollout
 from rl.tracking import Tracker
 
+# Loss types normalised by each micro-batch's own token count (see rl.loss); the others take global normalisers.
+LOCAL_MEAN_LOSSES = ("bnpo",)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -180,9 +194,24 @@ class Trainer:
         self.mini_local = (a.mini_batch_size or r.batch_size) // self.world_size
         self.micro = a.micro_batch_size or self.mini_local
         self.is_deepspeed = acc.state.deepspeed_plugin is not None
+        self.zero3 = self.is_deepspeed and acc.state.deepspeed_plugin.zero_stage == 3
         if self.is_deepspeed:
             self._configure_deepspeed()
+        if self.zero3:
+            # ZeRO-3 gathers parameters module by module with a collective per call. A token-routed expert is called
+            # only when some token picks it, which differs between ranks; gathering each MoE block whole (a "leaf")
+            # keeps the collectives in step, and DeepSpeed gives unpicked experts zero gradients.
+            from deepspeed.utils import set_z3_leaf_modules
+
+            set_z3_leaf_modules(policy, [tzmodel.MoE])
+        # Everywhere else an expert no token picked would have no gradient: DDP and ZeRO-2 then reduce different
+        # gradient sets on different ranks (a hang). A zero-weighted term puts every routed expert in the graph
+        # (zero gradient when unpicked), the same treatment ZeRO-3 gives them.
+        self.expert_params = [] if self.zero3 else [
+            p for m in policy.modules() if isinstance(m, tzmodel.MoE) for p in m.experts.parameters()]
         self.model, self.optimizer = acc.prepare(policy, self.optimizer)
+        if self.zero3 and self.ref_model is not None and not cfg.model.ref_model_on_cpu:
+            self.ref_model = self._partition_reference(self.ref_model)
 
         # Data: every rank builds the same sampler and takes its slice of each global batch.
         d = cfg.data
@@ -261,6 +290,22 @@ class Trainer:
             ds["bf16"]["enabled"] = self.accelerator.mixed_precision == "bf16"
         if ds.get("fp16", {}).get("enabled") == "auto":
             ds["fp16"]["enabled"] = self.accelerator.mixed_precision == "fp16"
+
+    def _partition_reference(self, ref_model: nn.Module) -> nn.Module:
+        """Under ZeRO-3 the reference model is partitioned like the policy: a DeepSpeed engine without optimizer that
+        gathers each module's parameters for its forward (model.ref_model_on_cpu keeps a full copy on the CPU)."""
+        import deepspeed
+        from deepspeed.utils import set_z3_leaf_modules
+
+        ds = self.accelerator.state.deepspeed_plugin.deepspeed_config
+        zero = {k: v for k, v in ds["zero_optimization"].items() if k.startswith("stage3_") or k == "stage"}
+        config = {k: ds[k] for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                                     "train_batch_size", "bf16", "fp16") if k in ds}
+        config["zero_optimization"] = zero
+        set_z3_leaf_modules(ref_model, [tzmodel.MoE])
+        engine = deepspeed.initialize(model=ref_model, config=config)[0]
+        engine.eval()  # the engine's eval() returns None, unlike nn.Module's
+        return engine
 
     @property
     def policy(self) -> nn.Module:
@@ -364,6 +409,12 @@ class Trainer:
         parts = kept + dropped_groups if cfg.algorithm.dynamic_sampling else kept
         merged = _merge_parts(parts, G, P_local, self.sampling.pad_token_id)
         batch, texts, per_function, totals, examples_per_row = merged
+        if self.zero3 and self.world_size > 1:
+            # Same shapes on every rank: ZeRO-3 gathers lm_head once per log-prob chunk, and the chunk count follows
+            # the sequence length, so unequal lengths would mean unequal collectives.
+            widths = self._gather(torch.tensor([batch.prompt_ids.shape[1], batch.completion_ids.shape[1]],
+                                               device=self.device)).view(-1, 2).amax(0).tolist()
+            batch = _pad_batch(batch, widths[0], widths[1], self.sampling.pad_token_id)
         timing = {"timing/rollout_s": rollout_s, "timing/reward_s": reward_s}
 
         rewards = torch.tensor(totals, dtype=torch.float32)  # (N,)
@@ -459,7 +510,7 @@ class Trainer:
         rb = step.rollout
         N = rb.completion_ids.shape[0]
         sums: dict[str, float] = {}
-        tokens_total = 0.0
+        tokens_total = loss_sum = 0.0
         grad_norms = []
         expert_counts = [torch.zeros(self.policy.config.n_routed_experts or 1, dtype=torch.float64)
                          for _ in range(self.moe_layers)]
@@ -485,8 +536,15 @@ class Trainer:
                             epsilon_high=a.epsilon_high, beta=a.beta, kl_estimator=a.kl_estimator,
                             max_completion_length=cfg.rollout.max_new_tokens, num_items_in_batch=num_items,
                             num_sequences=mini_global)
+                        # bnpo is a mean over the micro-batch's own tokens: average (not add) the global
+                        # mini-batch's micro-batches, as one process with one micro-batch would.
+                        share = 1 / (len(micro_starts) * self.world_size) if a.loss_type in LOCAL_MEAN_LOSSES else 1
+                        loss = loss * share
+                        loss_sum += float(m.pop("policy_loss")) * share
                         if a.moe.aux_loss_coef > 0 and self.moe_layers:
                             loss = loss + a.moe.aux_loss_coef * out.aux_loss * (mask.shape[0] / mini_global)
+                        if self.expert_params:
+                            loss = loss + 0.0 * sum(p.sum() for p in self.expert_params)
                         # Normalisers above are global; DDP/DeepSpeed average gradients over ranks, so undo that.
                         scaled = loss * self.world_size
                         self._backward(scaled, last)
@@ -499,6 +557,8 @@ class Trainer:
                         acc_counts += counts.detach().double().cpu()
                 grad_norms.append(self._optimizer_step())
         metrics = {k: self._sum(v) / max(self._sum(tokens_total), 1.0) for k, v in sums.items()}
+        # Each micro-batch's loss is its share of the global mini-batch loss: add them up, average over updates.
+        metrics["policy_loss"] = self._sum(loss_sum) / len(grad_norms)
         finite = [g for g in grad_norms if g is not None and math.isfinite(g)]
         metrics["grad_norm"] = float(np.mean(finite)) if finite else float("nan")
         metrics["skipped_updates"] = float(self.skipped_updates)
@@ -737,6 +797,20 @@ def _merge_parts(parts, G: int, num_groups: int, pad_id: int):
     merged = merged.select(rows) if merged.completion_ids.shape[0] > n else merged
     examples_per_row = [examples[i // G] for i in range(min(n, len(examples) * G))]
     return (merged, texts[:n], {k: v[:n] for k, v in per_function.items()}, totals[:n], examples_per_row)
+
+
+def _pad_batch(b: RolloutBatch, Tp: int, Tc: int, pad_id: int) -> RolloutBatch:
+    """`b` with prompts left-padded to Tp and completions right-padded to Tc (padding is masked out)."""
+    tp = b.prompt_ids.shape[1]
+    routing = None if b.routing is None else [
+        torch.cat([_pad_to(r[:, :tp], Tp, 0, left=True), _pad_to(r[:, tp:], Tc, 0, left=False)], dim=1)
+        for r in b.routing]
+    return RolloutBatch(
+        prompt_ids=_pad_to(b.prompt_ids, Tp, pad_id, left=True), prompt_mask=_pad_to(b.prompt_mask, Tp, 0, left=True),
+        completion_ids=_pad_to(b.completion_ids, Tc, pad_id, left=False),
+        completion_mask=_pad_to(b.completion_mask, Tc, 0, left=False),
+        sampling_logprobs=_pad_to(b.sampling_logprobs, Tc, 0.0, left=False), lengths=b.lengths,
+        finish_reasons=b.finish_reasons, group_index=b.group_index, routing=routing)
 
 
 def _to_device(rb: RolloutBatch, rows: slice, device: torch.device) -> RolloutBatch:
