@@ -192,14 +192,14 @@ def test_prefix_sharing_equals_running_each_copy_separately():
 
 def test_same_seed_same_output_and_different_seed_differs():
     model = make_model(seed=3)
-    params = SamplingParams(max_new_tokens=16, temperature=1.0, top_p=0.9)
-    a = generate(model, PROMPTS, 4, params, generator=torch.Generator().manual_seed(7))
-    b = generate(model, PROMPTS, 4, params, generator=torch.Generator().manual_seed(7))
-    c = generate(model, PROMPTS, 4, params, generator=torch.Generator().manual_seed(8))
+    params = SamplingParams(max_new_tokens=8, temperature=1.0, top_p=0.9)
+    a = generate(model, PROMPTS, 2, params, generator=torch.Generator().manual_seed(7))
+    b = generate(model, PROMPTS, 2, params, generator=torch.Generator().manual_seed(7))
+    c = generate(model, PROMPTS, 2, params, generator=torch.Generator().manual_seed(8))
     assert torch.equal(a.completion_ids, b.completion_ids) and torch.equal(a.sampling_logprobs, b.sampling_logprobs)
     assert not torch.equal(a.completion_ids, c.completion_ids)
     # The G copies of a prompt are different samples, not one sample repeated.
-    assert len({tuple(r) for r in a.completion_ids[:4].tolist()}) > 1
+    assert a.completion_ids[0].tolist() != a.completion_ids[1].tolist()
 
 
 def _decode(ids):
