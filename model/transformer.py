@@ -26,7 +26,7 @@ __all__ = ["CausalLMOutput", "DecoderLayer", "DeepseekForCausalLM", "RMSNorm"]
 @dataclass
 class CausalLMOutput:
     logits: torch.Tensor | None = None  # (B, T, V), None when target_ids were given
-    logprobs: torch.Tensor | None = None  # (B, T) float32 log p(target_ids) at `temperature`
+    logprobs: torch.Tensor | None = None  # (B, n) float32 log p(target_ids) at `temperature`
     entropy: torch.Tensor | None = None  # (B, T) float32, when compute_entropy
     routing: list[torch.Tensor] | None = None  # per MoE layer (B, T, k) expert ids, when return_routing
     aux_loss: torch.Tensor | None = None  # scalar: sum of the MoE layers' balance losses (0 when disabled)
@@ -124,13 +124,18 @@ class DeepseekForCausalLM(nn.Module):
         cache: LatentCache | None = None,
         *,
         target_ids: torch.Tensor | None = None,
+        target_start: int = 0,
         temperature: float = 1.0,
         routing: list[torch.Tensor] | None = None,
         return_routing: bool = False,
         compute_entropy: bool = False,
         absorb: bool | None = None,
     ) -> "CausalLMOutput":
-        """input_ids (B, T); attention_mask (B, cached + T), 1 real / 0 pad (left padding), None: all real."""
+        """input_ids (B, T); attention_mask (B, cached + T), 1 real / 0 pad (left padding), None: all real.
+
+        target_ids (B, n): instead of logits, return logprobs[:, j] = log p(target_ids[:, j]) under the prediction
+        made at position target_start + j (so target_ids = input_ids[:, 1:] with target_start 0 scores a sequence).
+        """
         B, T = input_ids.shape
         device = input_ids.device
         past = cache.length if cache is not None else 0
@@ -189,6 +194,12 @@ class DeepseekForCausalLM(nn.Module):
             if compute_entropy:
                 _, out.entropy = _chunk_logprobs(self.lm_head, h, None, temperature, True)
         else:
+            n = target_ids.shape[1]
+            if target_start < 0 or target_start + n > T:
+                raise ValueError(f"target_ids ({n} positions from target_start={target_start}) must fit in the "
+                                 f"{T} input positions")
+            # Only the positions whose next token is asked for reach lm_head (prompts are often long).
+            h = h[:, target_start : target_start + n]
             out.logprobs, out.entropy = self.target_logprobs(h, target_ids, temperature, compute_entropy)
         return out
 

@@ -463,13 +463,12 @@ class Trainer:
         input_ids = rb.input_ids[rows]  # (B, Tp + Tc)
         mask = rb.attention_mask[rows]  # (B, Tp + Tc)
         Tp = rb.prompt_ids.shape[1]
-        targets = torch.cat([input_ids[:, 1:], input_ids[:, -1:]], dim=1)  # (B, Tp + Tc): next token at each pos
         replay = [r[rows] for r in rb.routing] if routing and rb.routing is not None else None
-        out = module(input_ids, mask, target_ids=targets, temperature=self.cfg.rollout.temperature or 1.0,
-                     routing=replay, return_routing=return_routing, compute_entropy=compute_entropy)
-        span = slice(Tp - 1, input_ids.shape[1] - 1)  # positions predicting completion tokens
-        entropy = out.entropy[:, span] if out.entropy is not None else None
-        return out.logprobs[:, span], entropy, out
+        # Completion token j is predicted at position Tp - 1 + j; only those positions reach the output layer.
+        out = module(input_ids, mask, target_ids=rb.completion_ids[rows], target_start=Tp - 1,
+                     temperature=self.cfg.rollout.temperature or 1.0, routing=replay,
+                     return_routing=return_routing, compute_entropy=compute_entropy)
+        return out.logprobs, out.entropy, out
 
     @torch.no_grad()
     def _precompute_logprobs(self, step: StepBatch, metrics: dict[str, float]) -> None:

@@ -60,6 +60,18 @@ def test_target_logprobs_and_entropy_match_full_log_softmax(temperature):
     assert torch.allclose(out.entropy, expected_entropy, atol=1e-5)
 
 
+def test_target_start_scores_only_the_asked_positions():
+    model = make_model()
+    x, targets = ids(2, 11), ids(2, 4, seed=1)
+    out = model(x, target_ids=targets, target_start=6, compute_entropy=True)  # predictions made at positions 6..9
+    logp = torch.log_softmax(model(x).logits.float(), dim=-1)[:, 6:10]  # (B, 4, V) reference
+    assert out.logprobs.shape == out.entropy.shape == (2, 4)
+    assert torch.allclose(out.logprobs, logp.gather(-1, targets[..., None])[..., 0], atol=1e-5)
+    assert torch.allclose(out.entropy, -(logp.exp() * logp).sum(-1), atol=1e-5)
+    with pytest.raises(ValueError, match="must fit"):
+        model(x, target_ids=targets, target_start=8)
+
+
 def test_chunked_logprobs_gradients_match_direct():
     model = make_model()
     x, targets = ids(2, 9), ids(2, 9, seed=1)
