@@ -3,7 +3,7 @@
     python scripts/make_data.py --out runs/demo/data [--seed 0] [--train 2000] [--test 200] [--sft 200]
                                 [--min-ops 2] [--max-ops 3] [--max-value 9] [--ops +-]
 
-Each row: question, answer (an integer, as text), solution (worked <think>…</think><answer>…</answer> text), num_ops.
+Splits of size 0 are skipped. Each row: question, answer (an integer, as text), solution (worked <think>…</think><answer>…</answer> text), num_ops.
 The splits are disjoint (no question in two of them) and the same for the same arguments.
 """
 
@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-ops", type=int, default=2, help="most operations per problem")
     p.add_argument("--max-value", type=int, default=9, help="largest operand")
     p.add_argument("--ops", default="+-", help="operations to use, from '+-*'")
+    p.add_argument("--prefix", default="", help="file name prefix: <out>/<prefix><split>.jsonl")
     args = p.parse_args(argv)
     try:
         difficulty = Difficulty(num_ops=args.max_ops, min_ops=args.min_ops, max_value=args.max_value, ops=args.ops)
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(e))
     # Test first: the held-out set stays the same when the other splits change size.
     sizes = {"test": args.test, "train": args.train, "sft": args.sft}
-    for name, path in write_splits(args.out, sizes, args.seed, difficulty).items():
+    for name, path in write_splits(args.out, sizes, args.seed, difficulty, args.prefix).items():
         print(f"{name:>5}: {sizes[name]:>6} rows -> {path}")
     return 0
 
