@@ -22,11 +22,13 @@ setup: $(VENV)/.installed
 demo: setup
 	$(PY) scripts/demo.py
 
+# One thread per process: the suite runs many small ops and several processes at once (reward workers, 2-process
+# DeepSpeed runs) on few cores, where extra threads only oversubscribe them.
 test: setup
-	$(PY) -m pytest -q tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow" tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not slow" tests
 
 bench: setup
 	$(PY) -m pip install -q -e '.[bench]'
