@@ -525,7 +525,8 @@ class Trainer:
                     last = i == len(micro_starts) - 1
                     with self._no_sync(last):
                         logprobs, entropy, out = self._completion_logprobs(
-                            self.model, rb, rows, routing=replay, compute_entropy=True)
+                            self.model, rb, rows, routing=replay, return_routing=self.moe_layers > 0,
+                            compute_entropy=True)
                         mask = rb.completion_mask[rows]
                         loss, m = policy_loss(
                             logprobs,
@@ -552,8 +553,12 @@ class Trainer:
                     for k, v in m.items():
                         sums[k] = sums.get(k, 0.0) + float(v) * n_tok
                     sums["entropy"] = sums.get("entropy", 0.0) + float(masked_mean(entropy.detach(), mask)) * n_tok
-                    for acc_counts, counts in zip(expert_counts, out.expert_counts):
-                        acc_counts += counts.detach().double().cpu()
+                    # Load of real tokens only: padding is routed too, and how much there is depends on the
+                    # batch composition (so on the number of processes).
+                    real = rb.attention_mask[rows].bool().cpu()  # (B, Tp + Tc)
+                    for acc_counts, chosen in zip(expert_counts, out.routing or []):
+                        acc_counts += torch.bincount(chosen.cpu()[real].flatten(),
+                                                     minlength=acc_counts.numel()).double()
                 grad_norms.append(self._optimizer_step())
         metrics = {k: self._sum(v) / max(self._sum(tokens_total), 1.0) for k, v in sums.items()}
         # Each micro-batch's loss is its share of the global mini-batch loss: add them up, average over updates.
