@@ -7,7 +7,9 @@ Data parallelism: every rank samples its own slice of the global prompt batch an
 statistics never straddle ranks. Rewards are gathered before advantages are computed, so 'batch' reward scaling and
 every logged number are global — they do not depend on the number of processes. Loss normalisers (the dapo token
 count, the number of sequences) are global too, and the loss is multiplied by the world size to undo the gradient
-averaging of DDP / DeepSpeed, so N processes take the same update as one process on the whole batch.
+averaging of DDP / DeepSpeed, so N processes take the same update as one process on the whole batch. (With several
+mini-batches per step, optimizer step k uses every rank's k-th slice, so the step's groups are split into optimizer
+steps differently from one process: same data per step, a different order of updates.)
 
 Sampling is seeded per prompt, not per rank: each prompt of a step draws from its own generator seeded by
 (train.seed, step, draw, the prompt's index in the global batch). A prompt therefore gets the same completions whichever
@@ -515,6 +517,7 @@ class Trainer:
                          for _ in range(self.moe_layers)]
         replay = a.moe.routing_replay and rb.routing is not None
         mini_global = self.mini_local * self.world_size
+        skipped_before = self.skipped_updates
         for _ in range(a.num_iterations):
             for m0 in range(0, N, self.mini_local):
                 mini_mask = rb.completion_mask[m0:m0 + self.mini_local]
@@ -571,7 +574,7 @@ class Trainer:
             for i, counts in enumerate(global_counts):
                 metrics[f"moe/expert_load_cv/layer{i}"] = expert_load_cv(counts)
             gamma = a.moe.router_bias_update_gamma
-            if gamma > 0:
+            if gamma > 0 and self.skipped_updates == skipped_before:  # a skipped update moves nothing, bias included
                 self.policy.update_router_bias([c.float() for c in global_counts], gamma)
         return metrics
 
