@@ -176,6 +176,10 @@ class Trainer:
             policy.gradient_checkpointing_enable()
         policy.train()
         self.moe_layers = len(policy.moe_layers)
+        if cfg.algorithm.moe.router_bias_update_gamma > 0 and any(
+                moe.gate.e_score_correction_bias is None for moe in policy.moe_layers):
+            raise ValueError("algorithm.moe.router_bias_update_gamma > 0 needs a router with a correction bias "
+                             "(DeepSeek-V3 topk_method 'noaux_tc'); this model's router has none: set it to 0")
 
         self.ref_model = None
         if cfg.algorithm.beta > 0:  # with beta == 0 no reference model is loaded at all

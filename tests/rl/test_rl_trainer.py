@@ -112,3 +112,39 @@ def test_failing_reward_is_contained_and_reported(tmp_path):
     assert [r["step"] for r in records] == [1, 2]
     assert records[-1]["rewards/flaky/failures"] > 0
     assert (tmp_path / "out" / "checkpoint-000002" / "COMPLETE").is_file()
+
+
+def test_moe_options_routing_replay_bias_updates_and_several_iterations(tmp_path):
+    """Routing replay with mu=2 updates per rollout and auxiliary-loss-free bias updates run, log their metrics, and
+    move the router bias."""
+    recipe = _recipe(tmp_path, logging={"mode": "disabled", "console": False}, train={"max_steps": 2, "save_every": 0},
+                     algorithm={"num_iterations": 2, "moe": {"routing_replay": True, "router_bias_update_gamma": 0.01,
+                                                             "aux_loss_coef": 0.01}})
+    trainer = train(load_config(recipe))
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert 0.0 <= records[-1]["moe/routing_mismatch_frac"] <= 1.0
+    bias = trainer.policy.moe_layers[0].gate.e_score_correction_bias
+    assert bias.abs().max() > 0, "bias updates did not move the router bias"
+    saved = _weights(tmp_path / "out" / "checkpoint-000002")
+    assert torch.equal(saved["model.layers.1.mlp.gate.e_score_correction_bias"], bias.cpu())
+
+
+def test_bias_updates_on_a_router_without_bias_fail_at_start(tmp_path):
+    from model.presets import write_random_model
+
+    write_random_model("tiny", tmp_path / "v2", model_type="deepseek_v2")
+    recipe = _recipe(tmp_path, model={"name_or_path": str(tmp_path / "v2"), "init_preset": None},
+                     logging={"mode": "disabled", "console": False},
+                     algorithm={"moe": {"router_bias_update_gamma": 0.01}})
+    with pytest.raises(ValueError, match="correction bias"):
+        train(load_config(recipe))
+
+
+GRPO_RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if "accelerate" not in p.parts
+                      and not p.name.startswith("sft"))
+
+
+@pytest.mark.parametrize("recipe", GRPO_RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_shipped_grpo_recipes_parse(recipe):
+    cfg = load_config(recipe, check_paths=False)
+    assert cfg.rollout.batch_size % cfg.rollout.num_generations == 0
