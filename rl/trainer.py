@@ -30,6 +30,7 @@ import contextlib
 import math
 import os
 import random
+import warnings
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -341,7 +342,11 @@ class Trainer:
         batch, timing, sample_metrics = self.collect()
         t_update = time.perf_counter()
         update_metrics = self.update(batch)
-        self.scheduler.step()
+        with warnings.catch_warnings():
+            # The schedule counts training steps; when a step's update was skipped as non-finite torch warns that
+            # the scheduler stepped without the optimizer, which is what we mean.
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+            self.scheduler.step()
         timing["timing/update_s"] = time.perf_counter() - t_update
         step_s = time.perf_counter() - t_start
         tokens = self._sum(batch.rollout.lengths.sum())
