@@ -30,8 +30,8 @@ import contextlib
 import math
 import os
 import random
-import warnings
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any

@@ -13,7 +13,6 @@ Usage: python scripts/bench_rollout.py [--preset w1 | --model DIR] [--device cpu
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys

@@ -1,11 +1,17 @@
 """Sampling engine: sampling maths, stop handling, log-probs vs a full forward, greedy vs transformers, prefix sharing."""
 
-import math
 
 import pytest
 import torch
 
-from model.generate import GenerationOutput, SamplingParams, StopStringChecker, filter_logits, generate, sample_next
+from model.generate import (
+    GenerationOutput,
+    SamplingParams,
+    StopStringChecker,
+    filter_logits,
+    generate,
+    sample_next,
+)
 
 NEG_INF = float("-inf")
 
