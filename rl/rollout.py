@@ -67,10 +67,12 @@ def _unhooked_twin(module: nn.Module) -> nn.Module:
     built on the meta device so nothing is allocated, and carrying none of `module`'s hooks."""
     with torch.device("meta"):
         twin = type(module)(module.config)
-    for name, param in module.named_parameters():
+    shared: dict[int, nn.Parameter] = {}  # tied weights (lm_head = embed_tokens) stay one tensor in the twin
+    for name, param in module.named_parameters(remove_duplicate=False):
         owner, _, leaf = name.rpartition(".")
-        setattr(twin.get_submodule(owner), leaf, nn.Parameter(param.data, requires_grad=False))
-    for name, buffer in module.named_buffers():
+        twin_param = shared.setdefault(id(param), nn.Parameter(param.data, requires_grad=False))
+        setattr(twin.get_submodule(owner), leaf, twin_param)
+    for name, buffer in module.named_buffers(remove_duplicate=False):
         owner, _, leaf = name.rpartition(".")
         setattr(twin.get_submodule(owner), leaf, buffer)
     return twin.eval()
