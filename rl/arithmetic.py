@@ -68,6 +68,28 @@ def make_problem(rng: random.Random, difficulty: Difficulty) -> dict:
     return {"question": question, "answer": str(value), "solution": solution, "num_ops": num_ops}
 
 
+DIRECT_THINK = "at once"
+
+
+def direct_solution(problem: dict) -> str:
+    """The same answer without the worked steps: a think block that skips the reasoning."""
+    return f"<think>\n{DIRECT_THINK}\n</think>\n<answer>\n{problem['answer']}\n</answer>"
+
+
+def mix_styles(rows: list[dict], direct_fraction: float, seed: int) -> list[dict]:
+    """Copies of `rows` where a random `direct_fraction` of them answer directly (solution = direct_solution) and the
+    rest keep their worked solution; each row gets a 'style' column ('worked' | 'direct').
+
+    A cold-start set in both styles gives a policy that sometimes reasons step by step and sometimes answers at once,
+    the situation in which RL with an answer reward learns to reason (and its completions grow longer)."""
+    if not 0.0 <= direct_fraction <= 1.0:
+        raise ValueError(f"direct_fraction must be in [0, 1]; got {direct_fraction}")
+    rng = random.Random(seed)
+    direct = set(rng.sample(range(len(rows)), round(direct_fraction * len(rows))))
+    return [{**row, "solution": direct_solution(row) if i in direct else row["solution"],
+             "style": "direct" if i in direct else "worked"} for i, row in enumerate(rows)]
+
+
 def make_problems(n: int, seed: int, difficulty: Difficulty = Difficulty()) -> list[dict]:
     rng = random.Random(seed)
     return [make_problem(rng, difficulty) for _ in range(n)]

@@ -1,9 +1,11 @@
 """Write the arithmetic word-problem splits (train / held-out test / cold-start SFT) as jsonl.
 
     python scripts/make_data.py --out runs/demo/data [--seed 0] [--train 2000] [--test 200] [--sft 200]
-                                [--min-ops 2] [--max-ops 3] [--max-value 9] [--ops +-]
+                                [--min-ops 1] [--max-ops 2] [--max-value 9] [--ops +-] [--direct-fraction 0.5]
 
-Splits of size 0 are skipped. Each row: question, answer (an integer, as text), solution (worked <think>…</think><answer>…</answer> text), num_ops.
+Splits of size 0 are skipped. Each row: question, answer (an integer, as text), solution (<think>…</think>
+<answer>…</answer> text: worked steps, or a bare answer for the --direct-fraction share of the SFT rows), num_ops;
+SFT rows also say their style ('worked' | 'direct').
 The splits are disjoint (no question in two of them) and the same for the same arguments.
 """
 
@@ -13,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rl.arithmetic import Difficulty, write_splits  # noqa: E402
+from rl.arithmetic import Difficulty, make_splits, mix_styles, write_jsonl  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-value", type=int, default=9, help="largest operand")
     p.add_argument("--ops", default="+-", help="operations to use, from '+-*'")
     p.add_argument("--prefix", default="", help="file name prefix: <out>/<prefix><split>.jsonl")
+    p.add_argument("--direct-fraction", type=float, default=0.0,
+                   help="fraction of the SFT examples that answer without working (style 'direct')")
     args = p.parse_args(argv)
     try:
         difficulty = Difficulty(num_ops=args.max_ops, min_ops=args.min_ops, max_value=args.max_value, ops=args.ops)
@@ -35,8 +39,12 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(e))
     # Test first: the held-out set stays the same when the other splits change size.
     sizes = {"test": args.test, "train": args.train, "sft": args.sft}
-    for name, path in write_splits(args.out, sizes, args.seed, difficulty, args.prefix).items():
-        print(f"{name:>5}: {sizes[name]:>6} rows -> {path}")
+    splits = make_splits(sizes, args.seed, difficulty)
+    splits["sft"] = mix_styles(splits["sft"], args.direct_fraction, args.seed)
+    for name, rows in splits.items():
+        if rows:
+            path = write_jsonl(rows, Path(args.out) / f"{args.prefix}{name}.jsonl")
+            print(f"{name:>5}: {len(rows):>6} rows -> {path}")
     return 0
 
 
