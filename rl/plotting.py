@@ -44,12 +44,19 @@ def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [s for s, _ in points], [float(v) for _, v in points]
 
 
-def plot(records: list[dict], out: Path, smooth: int = 5, title: str | None = None) -> Path:
+def plot(records: list[dict], out: Path, smooth: int = 5, title: str | None = None,
+         extra_points: dict[str, list[tuple[int, float]]] | None = None) -> Path:
+    """Draws the panels into `out`. extra_points: metric key -> [(step, value)] added to that metric's series, e.g.
+    the starting model's held-out accuracy at step 0, measured before training."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; no display needed
     import matplotlib.pyplot as plt
 
+    if extra_points:
+        records = [{"step": step, key: value} for key, points in extra_points.items() for step, value in points] + \
+            list(records)
+        records.sort(key=lambda r: r["step"])
     panels = {name: [(k, label) for k, label in keys if series(records, k)[0]] for name, keys in PANELS.items()}
     panels = {name: keys for name, keys in panels.items() if keys}
     if not panels:
@@ -58,14 +65,20 @@ def plot(records: list[dict], out: Path, smooth: int = 5, title: str | None = No
     rows = (len(panels) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.2 * rows), squeeze=False)
     for ax, (name, keys) in zip(axes.flat, panels.items()):
+        if name.startswith("KL") and not any(series(records, "kl")[1]):  # beta = 0 logs kl = 0 every step
+            ax.text(0.5, 0.5, "not computed: beta = 0 (no reference model)", transform=ax.transAxes,
+                    ha="center", va="center", fontsize=9, color="0.4")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            keys = []
         for i, (key, label) in enumerate(keys):
             steps, values = series(records, key)
             color = f"C{i}"
-            if len(steps) > smooth > 1:
+            if len(steps) >= 4 * smooth > 4:  # dense per-step series: faint raw values, moving average on top
                 ax.plot(steps, values, color=color, alpha=0.25, linewidth=0.8)
                 ax.plot(steps, moving_average(values, smooth), color=color, label=label, linewidth=1.6)
-            else:
-                ax.plot(steps, values, color=color, label=label, marker="o" if len(steps) < 20 else None)
+            else:  # sparse (periodic evaluations): the points themselves
+                ax.plot(steps, values, color=color, label=label, marker="o", markersize=4)
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("step", fontsize=9)
         ax.grid(alpha=0.3)

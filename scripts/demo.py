@@ -12,6 +12,7 @@ minutes; the numbers mean nothing). W&B runs offline unless WANDB_API_KEY is con
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import model as tzmodel  # noqa: E402
-from rl.arithmetic import Difficulty, write_splits  # noqa: E402
+from rl.arithmetic import Difficulty, make_splits, mix_styles, write_jsonl  # noqa: E402
 from rl.config import load_config  # noqa: E402
 from rl.data import load_rows, prepare_examples  # noqa: E402
 from rl.evaluation import evaluate_policy  # noqa: E402
@@ -31,10 +32,14 @@ from rl.sft import load_sft_config, train_sft  # noqa: E402
 SFT_RECIPE = ROOT / "recipes" / "demo" / "sft.yaml"
 GRPO_RECIPE = ROOT / "recipes" / "demo" / "grpo.yaml"
 
-# The task: 1-2 additions/subtractions of numbers up to 9. Held-out test problems never appear in train or SFT.
-DIFFICULTY = Difficulty(min_ops=1, num_ops=2, max_value=9, ops="+-")
-SIZES = {"test": 200, "train": 2000, "sft": 200}
+# The task: two additions/subtractions of numbers up to 9. Held-out test problems never appear in train or SFT.
+DIFFICULTY = Difficulty(num_ops=2, max_value=9, ops="+-")
+SIZES = {"test": 200, "train": 2000, "sft": 2000}
+# Half of the cold-start examples answer without working (rl.arithmetic.mix_styles), so the SFT policy reasons only
+# some of the time; GRPO, rewarded for correct answers only, has to find out that working it through pays.
+DIRECT_FRACTION = 0.5
 EVAL_SAMPLES = 8
+WORKED_STEP = re.compile(r"\d[+-]\d+=\d")
 
 # Smoke-test sizes (--quick): a tiny model, a few steps of each stage.
 QUICK_SIZES = {"test": 8, "train": 32, "sft": 16}
@@ -48,9 +53,9 @@ def log(msg: str) -> None:
     print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def evaluate(model_dir: Path, test_file: Path, grpo_cfg, num_samples: int, out: Path, seed: int) -> dict:
+def evaluate(model_dir: Path, test_file: Path, grpo_cfg, num_samples: int, out: Path, seed: int):
     """Greedy + sampled evaluation of a model directory on the held-out file, with the GRPO recipe's template and
-    rollout settings (what the policy saw in training); writes summary + completions to `out`."""
+    rollout settings (what the policy saw in training); writes summary + completions to `out` and returns both."""
     d, r = grpo_cfg.data, grpo_cfg.rollout
     tokenizer = tzmodel.load_tokenizer(model_dir)
     policy = tzmodel.load_model(model_dir, dtype=torch.float32)
@@ -61,9 +66,11 @@ def evaluate(model_dir: Path, test_file: Path, grpo_cfg, num_samples: int, out: 
     summary, records = evaluate_policy(policy, tokenizer, examples, num_samples=num_samples,
                                        temperature=r.temperature or 1.0, max_new_tokens=r.max_new_tokens,
                                        stop_strings=r.stop_strings, batch_size=64, seed=seed)
+    # Demo-specific: how often the policy works the problem through (writes a step like 5+3=8) before answering.
+    summary["greedy/worked"] = sum(bool(WORKED_STEP.search(rec["greedy"]["text"])) for rec in records) / len(records)
     out.write_text(json.dumps({"model": str(model_dir), "data": str(test_file), "summary": summary,
                                "seconds": time.perf_counter() - t0, "records": records}, indent=1) + "\n")
-    return summary
+    return summary, records
 
 
 ROWS = [("held-out accuracy (greedy pass@1)", "greedy/pass@1", "pct"),
@@ -71,6 +78,7 @@ ROWS = [("held-out accuracy (greedy pass@1)", "greedy/pass@1", "pct"),
         ("maj@{k}", "maj@{k}", "pct"),
         ("pass@{k}", "pass@{k}", "pct"),
         ("format rate (greedy)", "greedy/format", "pct"),
+        ("works it through (greedy)", "greedy/worked", "pct"),
         ("mean length (greedy, tokens)", "greedy/mean_length", "num")]
 
 
@@ -104,11 +112,13 @@ def main(argv: list[str]) -> int:
 
     log(f"1/6 data -> {out / 'data'}")
     t = time.perf_counter()
-    files = write_splits(out / "data", QUICK_SIZES if args.quick else SIZES, args.data_seed, DIFFICULTY)
+    splits = make_splits(QUICK_SIZES if args.quick else SIZES, args.data_seed, DIFFICULTY)
+    splits["sft"] = mix_styles(splits["sft"], DIRECT_FRACTION, args.data_seed)
+    files = {name: write_jsonl(rows, out / "data" / f"{name}.jsonl") for name, rows in splits.items()}
     times["data"] = time.perf_counter() - t
 
-    log(f"2/6 cold-start SFT on {SIZES['sft'] if not args.quick else QUICK_SIZES['sft']} worked examples "
-        f"-> {out / 'sft'}")
+    log(f"2/6 cold-start SFT on {len(splits['sft'])} examples ({100 * DIRECT_FRACTION:.0f}% answered at once, the "
+        f"rest worked step by step) -> {out / 'sft'}")
     t = time.perf_counter()
     sft_cfg = load_sft_config(SFT_RECIPE, [
         f"model.name_or_path={out / 'init'}", f"data.source={files['sft']}", f"train.output_dir={out / 'sft'}",
@@ -124,7 +134,7 @@ def main(argv: list[str]) -> int:
 
     log(f"3/6 evaluate the SFT model on {len(load_rows(str(files['test'])))} held-out problems")
     t = time.perf_counter()
-    before = evaluate(sft_dir, files["test"], grpo_cfg, samples, out / "eval_sft.json", args.seed)
+    before, before_records = evaluate(sft_dir, files["test"], grpo_cfg, samples, out / "eval_sft.json", args.seed)
     times["eval_sft"] = time.perf_counter() - t
     log(f"   greedy accuracy {100 * before['greedy/pass@1']:.1f}%, format {100 * before['greedy/format']:.1f}%")
 
@@ -138,7 +148,7 @@ def main(argv: list[str]) -> int:
 
     log(f"5/6 evaluate the GRPO model ({final.name})")
     t = time.perf_counter()
-    after = evaluate(final, files["test"], grpo_cfg, samples, out / "eval_grpo.json", args.seed)
+    after, _ = evaluate(final, files["test"], grpo_cfg, samples, out / "eval_grpo.json", args.seed)
     times["eval_grpo"] = time.perf_counter() - t
 
     log("6/6 plot")
@@ -147,7 +157,11 @@ def main(argv: list[str]) -> int:
     try:
         from rl.plotting import plot, read_metrics
 
-        plot(read_metrics(out / "grpo"), png, title=f"GRPO on the SFT model (seed {args.seed})")
+        # The SFT model's greedy accuracy on the problems the trainer evaluates, as the curve's step-0 point.
+        n_eval = grpo_cfg.data.eval_max_examples or len(before_records)
+        start = sum(r["greedy"]["correct"] for r in before_records[:n_eval]) / len(before_records[:n_eval])
+        plot(read_metrics(out / "grpo"), png, title=f"GRPO on the cold-start SFT model (seed {args.seed})",
+             extra_points={"eval/math_accuracy/mean": [(0, start)]})
     except ImportError:
         png = None
         log("   matplotlib is not installed (pip install -e '.[plot]'); no plot")
