@@ -133,7 +133,8 @@ def evaluate_policy(
 
     eos = tuple(i for i in (tokenizer.eos_token_id,) if i is not None)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    common = dict(max_new_tokens=max_new_tokens, eos_token_ids=eos, stop_strings=tuple(stop_strings), pad_token_id=pad)
+    common = {"max_new_tokens": max_new_tokens, "eos_token_ids": eos, "stop_strings": tuple(stop_strings),
+              "pad_token_id": pad}
     greedy_params = SamplingParams(temperature=0.0, **common)
     sample_params = SamplingParams(temperature=temperature, top_p=top_p, **common)
     device = next(model.parameters()).device

@@ -20,14 +20,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
+import torch
 
-import model as tzmodel  # noqa: E402
-from rl.arithmetic import Difficulty, make_splits, mix_styles, write_jsonl  # noqa: E402
-from rl.config import load_config  # noqa: E402
-from rl.data import load_rows, prepare_examples  # noqa: E402
-from rl.evaluation import evaluate_policy  # noqa: E402
-from rl.sft import load_sft_config, train_sft  # noqa: E402
+import model as tzmodel
+from rl.arithmetic import Difficulty, make_splits, mix_styles, write_jsonl
+from rl.config import load_config
+from rl.data import load_rows, prepare_examples
+from rl.evaluation import evaluate_policy
+from rl.sft import load_sft_config, train_sft
 
 SFT_RECIPE = ROOT / "recipes" / "demo" / "sft.yaml"
 GRPO_RECIPE = ROOT / "recipes" / "demo" / "grpo.yaml"

@@ -17,12 +17,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-import model as tzmodel  # noqa: E402
-from rl.config import ConfigError, load_config  # noqa: E402
-from rl.data import load_rows, prepare_examples  # noqa: E402
-from rl.evaluation import evaluate_policy  # noqa: E402
+import model as tzmodel
+from rl.config import ConfigError, load_config
+from rl.data import load_rows, prepare_examples
+from rl.evaluation import evaluate_policy
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -56,9 +56,9 @@ def parse_args(argv):
 
 def resolve(args) -> dict:
     """Settings from the recipe (if any) with the command-line flags on top."""
-    s = dict(source=None, config_name=None, split="test", prompt_column="prompt", answer_column="answer",
-             template="r1_zero", system_prompt=None, max_prompt_length=512, max_new_tokens=256, temperature=1.0,
-             top_p=1.0, stop=["</answer>"])
+    s = {"source": None, "config_name": None, "split": "test", "prompt_column": "prompt", "answer_column": "answer",
+         "template": "r1_zero", "system_prompt": None, "max_prompt_length": 512, "max_new_tokens": 256,
+         "temperature": 1.0, "top_p": 1.0, "stop": ["</answer>"]}
     if args.recipe:
         cfg = load_config(args.recipe, check_paths=False)
         d, r = cfg.data, cfg.rollout
@@ -67,10 +67,11 @@ def resolve(args) -> dict:
                  system_prompt=d.system_prompt, max_prompt_length=d.max_prompt_length,
                  max_new_tokens=r.max_new_tokens, temperature=r.temperature or 1.0, top_p=r.top_p,
                  stop=list(r.stop_strings))
-    flags = dict(source=args.data, config_name=args.config_name, split=args.split, prompt_column=args.prompt_column,
-                 answer_column=args.answer_column, template=args.template, system_prompt=args.system_prompt,
-                 max_prompt_length=args.max_prompt_length, max_new_tokens=args.max_new_tokens,
-                 temperature=args.temperature, top_p=args.top_p, stop=args.stop)
+    flags = {"source": args.data, "config_name": args.config_name, "split": args.split,
+             "prompt_column": args.prompt_column, "answer_column": args.answer_column, "template": args.template,
+             "system_prompt": args.system_prompt, "max_prompt_length": args.max_prompt_length,
+             "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+             "stop": args.stop}
     s.update({k: v for k, v in flags.items() if v is not None})
     if not s["source"]:
         raise ConfigError("no dataset: give --data (or --recipe)")

@@ -11,8 +11,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rl.config import ConfigError  # noqa: E402
-from rl.sft import load_sft_config, train_sft  # noqa: E402
+from rl.config import ConfigError
+from rl.sft import load_sft_config, train_sft
 
 
 def main(argv: list[str]) -> int:
