@@ -11,7 +11,6 @@ minutes; the numbers mean nothing). W&B runs offline unless WANDB_API_KEY is con
 
 import argparse
 import json
-import os
 import re
 import sys
 import time
@@ -104,7 +103,6 @@ def main(argv: list[str]) -> int:
     p.add_argument("--quick", action="store_true", help="smoke-test sizes (for the test suite)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    os.environ.setdefault("WANDB_MODE", "offline") if not os.environ.get("WANDB_API_KEY") else None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
