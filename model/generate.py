@@ -278,28 +278,25 @@ def _generate(model, prompts, num_generations, params, generator, decode) -> Gen
                     finish_reasons[rows_list[i]] = "stop"
         last = step == T_new - 1
 
+        # With routing asked for, every row's newest token is fed before finished rows drop out, so the routing of
+        # a row's last token is recorded too; otherwise finished rows drop out first and cost nothing more.
         if params.return_routing:
-            # Feed every row's newest token, finished ones included, so its routing is recorded too; then drop.
             out = model(tok[:, None], attention_mask=attn_mask[:, : Tp + step + 1], cache=cache, return_routing=True)
             for buf, r in zip(routing_new, out.routing):
                 buf[rows, step] = r[:, 0]
             logits = out.logits[:, -1]
             del out
-            if last:
+        if last:
+            break
+        if any_done:
+            keep = [i for i, d in enumerate(done) if not d]
+            if not keep:
                 break
-            if any_done:
-                keep = [i for i, d in enumerate(done) if not d]
-                if not keep:
-                    break
+            if params.return_routing:  # the next logits are already computed: shrink them
                 rows, rows_list, cache, attn_mask, logits = _shrink(keep, rows, rows_list, cache, attn_mask, logits)
-        else:
-            if last:
-                break
-            if any_done:
-                keep = [i for i, d in enumerate(done) if not d]
-                if not keep:
-                    break
+            else:  # the next input tokens are: shrink them
                 rows, rows_list, cache, attn_mask, tok = _shrink(keep, rows, rows_list, cache, attn_mask, tok)
+        if not params.return_routing:
             out = model(tok[:, None], attention_mask=attn_mask[:, : Tp + step + 1], cache=cache)
             logits = out.logits[:, -1]
             del out
