@@ -11,3 +11,9 @@ def flaky(completion: str) -> float:
     if len(completion) % 3 == 0:
         raise RuntimeError("flaky reward failed on purpose")
     return float(len(completion) % 2)
+
+
+def even_answers_only(completion: str, answer: str) -> float:
+    """Informative (varies with the completion) only for problems whose answer is even; constant 0 otherwise, so
+    dynamic sampling has groups to drop."""
+    return float(len(completion) % 2) if int(answer) % 2 == 0 else 0.0

@@ -148,3 +148,21 @@ GRPO_RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if "accelera
 def test_shipped_grpo_recipes_parse(recipe):
     cfg = load_config(recipe, check_paths=False)
     assert cfg.rollout.batch_size % cfg.rollout.num_generations == 0
+
+
+def test_dynamic_sampling_keeps_only_informative_groups(tmp_path):
+    recipe = _recipe(tmp_path, rewards={"functions": [{"name": f"{REWARDS}:even_answers_only"}], "num_workers": 0},
+                     algorithm={"dynamic_sampling": True, "max_extra_draws": 6, "beta": 0.0},
+                     logging={"mode": "disabled", "console": False, "completions_every": 1},
+                     train={"max_steps": 3, "save_every": 0})
+    train(load_config(recipe))
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r["dynamic_sampling/extra_draws"] for r in records) > 0, "no group was ever dropped: test proves nothing"
+    for r in records:
+        if r["dynamic_sampling/filled_groups"] == 0:
+            assert r["frac_reward_zero_std"] == 0.0
+    rows = [json.loads(line) for line in (tmp_path / "out" / "completions.jsonl").read_text().splitlines()]
+    answers = {ex["question"]: ex["answer"] for ex in map(json.loads, (tmp_path / "train.jsonl").read_text().splitlines())}
+    full = {r["step"] for r in records if r["dynamic_sampling/filled_groups"] == 0}  # steps not topped up
+    kept = [answers[row["prompt"]] for row in rows if row["step"] in full]
+    assert kept and all(int(a) % 2 == 0 for a in kept), "an uninformative (odd-answer) group reached the update"
