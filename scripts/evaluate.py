@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 import model as tzmodel
+from rl.cli import SETUP_ERRORS, USER_ERRORS, fail
 from rl.config import ConfigError, load_config
 from rl.data import load_rows, prepare_examples
 from rl.evaluation import evaluate_policy
@@ -93,15 +94,14 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     try:
         s = resolve(args)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    tokenizer = tzmodel.load_tokenizer(args.model)
-    policy = tzmodel.load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
-    rows = load_rows(s["source"], s["config_name"], s["split"])
-    examples, dropped = prepare_examples(
-        rows, tokenizer, prompt_column=s["prompt_column"], answer_column=s["answer_column"], template=s["template"],
-        system_prompt=s["system_prompt"], max_prompt_length=s["max_prompt_length"])
+        tokenizer = tzmodel.load_tokenizer(args.model)
+        policy = tzmodel.load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
+        rows = load_rows(s["source"], s["config_name"], s["split"])
+        examples, dropped = prepare_examples(
+            rows, tokenizer, prompt_column=s["prompt_column"], answer_column=s["answer_column"],
+            template=s["template"], system_prompt=s["system_prompt"], max_prompt_length=s["max_prompt_length"])
+    except (*USER_ERRORS, *SETUP_ERRORS) as e:
+        return fail(e)
     examples = examples[:args.max_examples]
     t0 = time.perf_counter()
 

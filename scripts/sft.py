@@ -11,8 +11,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rl.config import ConfigError
-from rl.sft import load_sft_config, train_sft
+from rl.cli import USER_ERRORS, fail  # noqa: E402
+from rl.sft import load_sft_config, train_sft  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
@@ -21,10 +21,12 @@ def main(argv: list[str]) -> int:
         return 0 if argv else 2
     try:
         cfg = load_sft_config(argv[0], argv[1:])
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    train_sft(cfg)
+    except USER_ERRORS as e:
+        return fail(e)
+    try:
+        train_sft(cfg)
+    except USER_ERRORS as e:
+        return fail(e)
     return 0
 
 

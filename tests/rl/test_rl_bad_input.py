@@ -135,3 +135,24 @@ def test_a_bug_in_setup_can_show_its_traceback(setup, capsys, monkeypatch):
     monkeypatch.setenv("THINKZERO_TRACEBACK", "1")
     with pytest.raises(Exception, match="did you mean 'rollout.num_generations'"):
         setup[2].main([str(setup[1]), "rollout.num_generatons=4"])
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(f"thinkzero_{name}_script", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sft_and_evaluate_scripts_explain_bad_input_too(setup, capsys, tmp_path):
+    root = setup[0]
+    sft_recipe = tmp_path / "sft.json"
+    sft_recipe.write_text(json.dumps({"model": {"name_or_path": str(root / "model")}, "trian": {}}))
+    assert _script("sft").main([str(sft_recipe)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "trian" in err and "Traceback" not in err, err
+
+    code = _script("evaluate").main([str(tmp_path / "no_model"), "--data", str(root / "train.jsonl"),
+                                     "--prompt-column", "question", "--answer-column", "answer"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and "no_model" in err and "Traceback" not in err, err
