@@ -1,4 +1,6 @@
-"""Fault injection for the kill-and-resume checks (scripts/chaos.py, tests/rl/test_rl_faults.py).
+"""Fault injection for the kill-and-resume checks (scripts/chaos.py, tests/rl/test_rl_faults.py) and the non-finite
+update checks (`THINKZERO_CHAOS_NAN_AT=step`: every loss of that training step becomes NaN, in any process; used where
+a test cannot monkeypatch, e.g. under accelerate launch).
 
 `THINKZERO_CHAOS_KILL_AT=phase:step` makes the process SIGKILL itself when it reaches that phase of that (1-based)
 training step, so a test can land a kill exactly where it hurts most (half a checkpoint on disk). Unset — the normal
@@ -15,6 +17,7 @@ import os
 import signal
 
 ENV = "THINKZERO_CHAOS_KILL_AT"
+NAN_ENV = "THINKZERO_CHAOS_NAN_AT"
 PHASES = ("rollout", "scoring", "update", "checkpoint")
 
 
@@ -31,3 +34,11 @@ def kill_point(phase: str, step: int) -> None:
     value = os.environ.get(ENV)
     if value and parse(value) == (phase, step):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def nan_point(loss, step: int):
+    """The loss, or NaN in its place if THINKZERO_CHAOS_NAN_AT names this (1-based) training step."""
+    value = os.environ.get(NAN_ENV)
+    if value and int(value) == step:
+        return loss * float("nan")
+    return loss

@@ -47,7 +47,7 @@ from rl import checkpoint as ckpt
 from rl.advantages import group_advantages, group_reward_stats, group_rows, nonconstant_groups
 from rl.config import Config, check_world_size, config_to_dict, config_to_yaml
 from rl.data import PromptSampler, load_rows, prepare_examples
-from rl.faults import kill_point
+from rl.faults import kill_point, nan_point
 from rl.loss import masked_mean, policy_loss
 from rl.rollout import RolloutBatch, policy_for_sampling, rollout
 from rl.tracking import Tracker
@@ -558,7 +558,7 @@ class Trainer:
                         if self.expert_params:
                             loss = loss + 0.0 * sum(p.sum() for p in self.expert_params)
                         # Normalisers above are global; DDP/DeepSpeed average gradients over ranks, so undo that.
-                        scaled = loss * self.world_size
+                        scaled = nan_point(loss, self.step + 1) * self.world_size
                         self._backward(scaled, last)
                     n_tok = float(mask.sum())
                     tokens_total += n_tok
@@ -605,29 +605,47 @@ class Trainer:
         """Clips and applies the accumulated gradients; skips (and counts) the update if they are not finite."""
         max_norm = self.cfg.optim.max_grad_norm
         if self.is_deepspeed:
-            self.model.step()  # clips (gradient_clipping) and steps at the accumulation boundary
+            kill_point("update", self.step + 1)
+            # Clips and steps at the accumulation boundary. DeepSpeed itself drops an update whose gradient norm is
+            # not finite (its optimizer's `overflow` flag; fp32 and ZeRO-3 always, bf16 ZeRO-1/2 only with
+            # check_grad_overflow), so here we count it like our own skips.
+            self.model.step()
             norm = self.model.get_global_grad_norm()
-            return None if norm is None else float(norm)
+            norm = None if norm is None else float(norm)
+            if getattr(self.model.optimizer, "overflow", False):
+                self._skipped_update()
+            elif norm is not None and not math.isfinite(self._max(norm)):
+                raise TrainingStopped(
+                    f"step {self.step + 1}: DeepSpeed applied an update with a non-finite gradient norm ({norm}); "
+                    "the weights are no longer usable. Resume from the last checkpoint, and set "
+                    "check_grad_overflow in the DeepSpeed config so such updates are dropped.")
+            else:
+                self.consecutive_skips = 0
+            return norm
         params = [p for p in self.model.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
         norm = float(norm)
         if not math.isfinite(self._max(norm)):
             self.optimizer.zero_grad(set_to_none=True)
-            self.skipped_updates += 1
-            self.consecutive_skips += 1
-            self.tracker.write(f"step {self.step + 1}: non-finite gradient norm, update skipped "
-                               f"({self.consecutive_skips} in a row)")
-            if self.consecutive_skips >= self.cfg.optim.max_consecutive_skips:
-                self.save()
-                raise TrainingStopped(
-                    f"{self.consecutive_skips} consecutive updates had non-finite gradients; stopped at step "
-                    f"{self.step} (state saved in {self.output_dir}). Lower optim.lr or check the rewards/data.")
+            self._skipped_update()
             return norm
         self.consecutive_skips = 0
         kill_point("update", self.step + 1)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
+
+    def _skipped_update(self) -> None:
+        """Counts an update dropped for non-finite gradients; too many in a row save the state and stop the run."""
+        self.skipped_updates += 1
+        self.consecutive_skips += 1
+        self.tracker.write(f"step {self.step + 1}: non-finite gradient norm, update skipped "
+                           f"({self.consecutive_skips} in a row)")
+        if self.consecutive_skips >= self.cfg.optim.max_consecutive_skips:
+            self.save()
+            raise TrainingStopped(
+                f"{self.consecutive_skips} consecutive updates had non-finite gradients; stopped at step "
+                f"{self.step} (state saved in {self.output_dir}). Lower optim.lr or check the rewards/data.")
 
     # ---- evaluation, logging ------------------------------------------------------------------------------------
 

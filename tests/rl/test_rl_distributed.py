@@ -14,6 +14,7 @@ The resumed ZeRO-2 run matches the straight one exactly (measured 0.0).
 """
 
 import json
+import math
 import os
 import shutil
 import socket
@@ -163,3 +164,22 @@ def test_zero3_checkpoint_is_a_consolidated_model_dir(runs):
     ids = torch.randint(4, ours.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_zero2_drops_and_counts_a_non_finite_update(runs):
+    """NaN losses at step 2 (every rank): DeepSpeed drops that update, the trainer counts it, training goes on."""
+    root = runs["root"]
+    out = root / "zero2-nan"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "recipes" / "accelerate" / "zero2-cpu.yaml"), "--main_process_port", str(_free_port()),
+           str(ROOT / "scripts" / "train.py"), str(root / "recipe.json"), f"train.output_dir={out}",
+           "train.max_steps=3", "train.save_every=0"]
+    proc = subprocess.run(cmd, cwd=root, env={**_env(), "THINKZERO_CHAOS_NAN_AT": "2"}, capture_output=True,
+                          text=True, timeout=LAUNCH_TIMEOUT_S, check=False)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    records = _metrics(out)
+    assert [r["skipped_updates"] for r in records] == [0.0, 1.0, 1.0]
+    assert records[1]["grad_norm"] is None or not math.isfinite(records[1]["grad_norm"])
+    assert all(math.isfinite(r["grad_norm"]) for r in (records[0], records[2]))
+    weights = _weights(out / "checkpoint-000003")
+    assert all(torch.isfinite(t).all() for t in weights.values())
