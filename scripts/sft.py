@@ -20,11 +20,7 @@ def main(argv: list[str]) -> int:
         print(__doc__)
         return 0 if argv else 2
     try:
-        cfg = load_sft_config(argv[0], argv[1:])
-    except USER_ERRORS as e:
-        return fail(e)
-    try:
-        train_sft(cfg)
+        train_sft(load_sft_config(argv[0], argv[1:]))
     except USER_ERRORS as e:
         return fail(e)
     return 0
