@@ -26,8 +26,9 @@ CONFIG_FILE = "config.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
-# transformers keeps experts fused in memory; checkpoints on disk (and its save_pretrained) use per-expert names,
-# but accept the fused form too: gate_up_proj (E, 2I, D) = [gate; up] per expert, down_proj (E, D, I).
+# Our model (like transformers 5) stacks each layer's experts in memory: gate_up_proj (E, 2I, D) = [gate; up] per
+# expert, down_proj (E, D, I). Checkpoints on disk (and transformers' save_pretrained, and vLLM) use one tensor per
+# expert and projection; we read and write that form, and also read the stacked one.
 _FUSED = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
 
 
@@ -51,7 +52,7 @@ def load_model(
     device = torch.device(device or "cpu")
 
     with torch.device("meta"):  # shapes only: check the checkpoint before paying for a real model
-        expected = {k: tuple(t.shape) for k, t in DeepseekForCausalLM(cfg).state_dict().items()}
+        expected = {k: tuple(t.shape) for k, t in hf_views(DeepseekForCausalLM(cfg).state_dict()).items()}
     if cfg.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
     sources = _index_tensors(path)
@@ -67,7 +68,7 @@ def load_model(
     for moe in model.moe_layers:  # the router bias stays fp32: bf16 would swallow small balancing updates
         if moe.gate.e_score_correction_bias is not None:
             moe.gate.e_score_correction_bias = moe.gate.e_score_correction_bias.float()
-    targets = model.state_dict()
+    targets = hf_views(model.state_dict())  # views into the model's tensors: copying into them loads the model
     with torch.no_grad():
         for name in expected:
             file, key, transform, _ = sources[name]
@@ -91,7 +92,7 @@ def save_model(module: nn.Module, path: str | os.PathLike, max_shard_bytes: int 
 
     tensors = {}
     seen_storage = set()
-    for name, t in module.state_dict().items():
+    for name, t in hf_views(module.state_dict()).items():
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue  # tied to model.embed_tokens.weight; Hugging Face leaves it out too
         t = t.detach().to("cpu").contiguous()
@@ -133,6 +134,24 @@ def save_model(module: nn.Module, path: str | os.PathLike, max_shard_bytes: int 
         config["torch_dtype"] = str(main).removeprefix("torch.")
         config.pop("dtype", None)
     _atomic_write_text(path / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+
+
+def hf_views(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our state dict under the names checkpoints use on disk: each stacked expert tensor becomes one view per
+    expert and projection (`...mlp.experts.{e}.gate_proj.weight` etc.); no data is copied."""
+    out = {}
+    for name, t in state.items():
+        fused = _FUSED.match(name)
+        if not fused or t.dim() != 3:
+            out[name] = t
+            continue
+        prefix, kind = fused.groups()
+        for e in range(t.shape[0]):
+            if kind == "down_proj":
+                out[f"{prefix}.{e}.down_proj.weight"] = t[e]
+            else:
+                out[f"{prefix}.{e}.gate_proj.weight"], out[f"{prefix}.{e}.up_proj.weight"] = t[e].chunk(2)
+    return out
 
 
 # ---- loading helpers ---------------------------------------------------------------------------------------------

@@ -8,8 +8,15 @@ The router follows the Hugging Face / DeepSeek math exactly:
   topk_idx = top-k of choice within the kept groups
   weights  = scores[topk_idx] (normalised to sum 1 if norm_topk_prob) * routed_scaling_factor
 
-Dispatch sorts the (token, slot) pairs by expert id, runs every expert once on its contiguous slice and adds
-the weighted outputs back with a single index_add: the Python loop is over experts, never over tokens.
+The routed experts of a layer are stacked in two tensors (`Experts`): gate_up_proj (E, 2I, D) and down_proj
+(E, D, I), transformers 5's in-memory layout (checkpoints on disk keep one tensor per expert and projection;
+model/checkpoint.py converts). Dispatch sorts the (token, slot) pairs by expert id, then either
+  - runs each expert once on its contiguous slice (a loop over experts, never over tokens), when gradients flow
+    or the loads are very uneven; or
+  - scatters the slices into one zero-padded (E, capacity, D) block and runs all experts in two batched matmuls,
+    when no gradient is needed and the padding is small. With few tokens per expert (decoding) the cost is reading
+    the weights, so one batched call per projection beats E small ones (and splits across threads).
+The weighted outputs go back with a single index_add.
 """
 
 from dataclasses import dataclass
@@ -188,6 +195,75 @@ class MoEGate(nn.Module):
         return (f * P).sum(dim=-1).mean() * self.aux_loss_alpha
 
 
+class Experts(nn.Module):
+    """The routed experts of one MoE layer as two stacked tensors.
+
+    gate_up_proj (E, 2I, D): rows [:I] are expert e's gate projection, rows [I:] its up projection.
+    down_proj (E, D, I). Expert e computes down_proj[e] @ (silu(gate_e x) * up_e x), a SwiGLU MLP.
+    """
+
+    # Without gradients, the padded batched path runs when each expert gets at most `batched_capacity` rows (a
+    # matmul that small costs about what reading its weights does, so padding is free) or the padding rows are at
+    # most as many as the real ones.
+    batched_capacity: int = 32
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.intermediate_size = intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        # nn.Linear's default init, one projection at a time in the order separate Linear modules would draw it.
+        for view in self.projections():
+            nn.init.kaiming_uniform_(view, a=5**0.5)
+
+    def projections(self) -> list[torch.Tensor]:
+        """Views of every expert's (gate, up, down) weights, expert by expert: what separate Linears would hold."""
+        I = self.intermediate_size
+        views = []
+        for e in range(self.num_experts):
+            views += [self.gate_up_proj[e, :I], self.gate_up_proj[e, I:], self.down_proj[e]]
+        return views
+
+    def forward(self, xs: torch.Tensor, expert_of_slot: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        """xs (n, D) token copies sorted by expert; expert_of_slot (n,) their expert ids; sizes[e] = slots of
+        expert e. Returns (n, D): each row through its expert."""
+        cap = max(sizes)
+        padded = self.num_experts * cap - xs.shape[0]
+        needs_grad = torch.is_grad_enabled() and (xs.requires_grad or self.gate_up_proj.requires_grad)
+        if not needs_grad and (cap <= self.batched_capacity or padded <= xs.shape[0]):
+            return self._batched(xs, expert_of_slot, sizes, cap)
+        return self._looped(xs, sizes)
+
+    def _looped(self, xs: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        # unbind, not indexing: its backward stacks the per-expert gradients once (zeros for unused experts)
+        # instead of one full-size zero-filled gradient per expert. split keeps the input's backward a single cat.
+        gate_up, down = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
+        outs = [
+            F.linear(_swiglu(F.linear(chunk, gate_up[e])), down[e])
+            for e, chunk in enumerate(xs.split(sizes))
+            if sizes[e]
+        ]
+        return torch.cat(outs)
+
+    def _batched(self, xs: torch.Tensor, expert_of_slot: torch.Tensor, sizes: list[int], cap: int) -> torch.Tensor:
+        E, n = self.num_experts, xs.shape[0]
+        counts = torch.tensor(sizes, device=xs.device)
+        starts = counts.cumsum(0) - counts  # (E,) first slot of each expert
+        row = torch.arange(n, device=xs.device) - starts[expert_of_slot]  # (n,) position within its expert
+        block = xs.new_zeros(E, cap, xs.shape[1])
+        block[expert_of_slot, row] = xs  # (E, cap, D)
+        h = _swiglu(torch.bmm(block, self.gate_up_proj.transpose(1, 2)))  # (E, cap, I)
+        out = torch.bmm(h, self.down_proj.transpose(1, 2))  # (E, cap, D)
+        return out[expert_of_slot, row]  # (n, D)
+
+
+def _swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """(..., 2I) = [gate | up] -> silu(gate) * up (..., I)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 class MoE(nn.Module):
     """Routed experts + shared experts. forward(x, topk_idx=None) -> (y, MoEStats)."""
 
@@ -197,9 +273,7 @@ class MoE(nn.Module):
             raise ValueError(f"hidden_act={cfg.hidden_act!r} is not supported; only 'silu' (SwiGLU)")
         self.n_routed_experts = cfg.n_routed_experts
         self.gate = MoEGate.from_config(cfg)
-        self.experts = nn.ModuleList(
-            MLP(cfg.hidden_size, cfg.moe_intermediate_size) for _ in range(cfg.n_routed_experts)
-        )
+        self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
         n_shared = cfg.n_shared_experts or 0
         self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * n_shared) if n_shared else None
 
@@ -219,17 +293,14 @@ class MoE(nn.Module):
         k = topk_idx.shape[1]
         flat_idx = topk_idx.reshape(-1)  # (N*k,)
         counts = torch.bincount(flat_idx, minlength=self.n_routed_experts)  # (E,)
+        if flat_idx.numel() == 0:
+            return torch.zeros_like(x), counts
         order = flat_idx.argsort(stable=True)  # slots grouped by expert
         token_of_slot = order // k  # (N*k,)
         xs = x.index_select(0, token_of_slot)  # (N*k, D) contiguous per expert; backward is an index_add
         ws = topk_weights.reshape(-1).index_select(0, order).to(x.dtype)  # (N*k,)
-        # One host sync for the slice sizes. split (not slicing) keeps the backward a single cat instead of one
-        # full-size zero-filled gradient per expert; experts with no tokens are never called.
-        sizes = counts.tolist()
-        outs = [self.experts[e](chunk) for e, chunk in enumerate(xs.split(sizes)) if sizes[e]]
-        if not outs:
-            return torch.zeros_like(x), counts
-        ys = torch.cat(outs) * ws.unsqueeze(-1)  # (N*k, D)
+        # One host sync for the slice sizes; experts with no tokens are never called.
+        ys = self.experts(xs, flat_idx.index_select(0, order), counts.tolist()) * ws.unsqueeze(-1)  # (N*k, D)
         return torch.zeros_like(x).index_add_(0, token_of_slot, ys), counts
 
 

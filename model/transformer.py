@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from .cache import LatentCache
 from .config import ModelConfig
 from .mla import MLA
-from .moe import MLP, MoE, MoEStats, update_bias
+from .moe import MLP, Experts, MoE, MoEStats, update_bias
 from .norm import RMSNorm
 from .rope import RotaryEmbedding
 
@@ -93,6 +93,9 @@ class DeepseekForCausalLM(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, RMSNorm):
             nn.init.ones_(module.weight)
+        elif isinstance(module, Experts):
+            for view in module.projections():
+                nn.init.normal_(view, 0.0, std)
         elif isinstance(module, MoE):
             nn.init.normal_(module.gate.weight, 0.0, std)
 

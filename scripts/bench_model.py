@@ -69,10 +69,8 @@ def hf_moe_block(cfg: dict, ours: MoE):
         block.gate.weight.copy_(ours.gate.weight)
         if ours.gate.e_score_correction_bias is not None:
             block.gate.e_score_correction_bias.copy_(ours.gate.e_score_correction_bias)
-        block.experts.gate_up_proj.copy_(
-            torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in ours.experts])
-        )
-        block.experts.down_proj.copy_(torch.stack([e.down_proj.weight for e in ours.experts]))
+        block.experts.gate_up_proj.copy_(ours.experts.gate_up_proj)  # the same stacked layout
+        block.experts.down_proj.copy_(ours.experts.down_proj)
         block.shared_experts.load_state_dict(ours.shared_experts.state_dict())
     return block, hf.config._experts_implementation
 

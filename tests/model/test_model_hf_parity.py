@@ -120,29 +120,9 @@ def hf_model(cfg: ModelConfig, seed: int = 0):
     return model
 
 
-def hf_to_ours(hf_state: dict) -> dict:
-    """transformers 5 fuses each layer's experts in memory (gate_up_proj (E, 2I, D), down_proj (E, D, I)); the
-    checkpoint on disk, and our model, keep one module per expert."""
-    out = {}
-    for name, t in hf_state.items():
-        if name.endswith("mlp.experts.gate_up_proj"):
-            prefix = name[: -len("gate_up_proj")]
-            gate, up = t.chunk(2, dim=1)
-            for j in range(t.shape[0]):
-                out[f"{prefix}{j}.gate_proj.weight"] = gate[j]
-                out[f"{prefix}{j}.up_proj.weight"] = up[j]
-        elif name.endswith("mlp.experts.down_proj"):
-            prefix = name[: -len("down_proj")]
-            for j in range(t.shape[0]):
-                out[f"{prefix}{j}.down_proj.weight"] = t[j]
-        else:
-            out[name] = t
-    return out
-
-
 def ours_from_hf(cfg: ModelConfig, hf) -> DeepseekForCausalLM:
     ours = DeepseekForCausalLM(cfg).eval()
-    ours.load_state_dict(hf_to_ours(hf.state_dict()), strict=True)
+    ours.load_state_dict(hf.state_dict(), strict=True)  # both stack experts the same way in memory
     return ours
 
 

@@ -4,6 +4,7 @@ router-bias balancing, parameter names and tying."""
 import pytest
 import torch
 
+from model.checkpoint import hf_views
 from model.config import ModelConfig
 from model.transformer import DeepseekForCausalLM
 
@@ -167,7 +168,8 @@ def test_parameter_names_are_the_checkpoint_names():
     names = set(model.state_dict())
     assert "model.layers.0.mlp.gate_proj.weight" in names  # dense
     assert "model.layers.1.mlp.up_proj.weight" in names  # dense: 1 % 2 != 0
-    assert "model.layers.2.mlp.experts.7.down_proj.weight" in names
+    assert "model.layers.2.mlp.experts.gate_up_proj" in names  # stacked in memory, as transformers 5 does
+    assert "model.layers.2.mlp.experts.7.down_proj.weight" in hf_views(model.state_dict())  # per expert on disk
     assert "model.layers.2.mlp.gate.e_score_correction_bias" in names
     assert "model.layers.2.mlp.shared_experts.gate_proj.weight" in names
     assert "model.layers.0.self_attn.q_proj.weight" in names
