@@ -253,9 +253,11 @@ class Experts(nn.Module):
         row = torch.arange(n, device=xs.device) - starts[expert_of_slot]  # (n,) position within its expert
         block = xs.new_zeros(E, cap, xs.shape[1])
         block[expert_of_slot, row] = xs  # (E, cap, D)
-        h = _swiglu(torch.bmm(block, self.gate_up_proj.transpose(1, 2)))  # (E, cap, I)
-        out = torch.bmm(h, self.down_proj.transpose(1, 2))  # (E, cap, D)
-        return out[expert_of_slot, row]  # (n, D)
+        # Weights on the left: (E, 2I, D) @ (E, D, cap) reads each weight in its stored layout (a transposed
+        # weight operand makes bmm much slower on CPU).
+        gate, up = torch.bmm(self.gate_up_proj, block.transpose(1, 2)).chunk(2, dim=1)  # (E, I, cap) each
+        out = torch.bmm(self.down_proj, F.silu(gate) * up)  # (E, D, cap)
+        return out.transpose(1, 2)[expert_of_slot, row]  # (n, D)
 
 
 def _swiglu(gate_up: torch.Tensor) -> torch.Tensor:
