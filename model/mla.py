@@ -60,8 +60,10 @@ class MLA(nn.Module):
         layer_idx: int = 0,
         absorb: bool = False,
     ) -> torch.Tensor:
-        """x (B, T, D); cos/sin (B, T, Dr/2); mask (B, 1, T, S) bool, True = may attend, or None for plain
-        causal attention without a cache. With a cache, this layer's new latents are written at its length."""
+        """x (B, T, D); cos/sin (B, T, Dr/2). mask: for the plain path (B, 1, T, S) bool, True = may attend, or
+        None for causal attention without a cache; for the absorbed path the additive bias of `absorbed_bias`
+        (built once per forward, shared by the layers) or None. With a cache, this layer's new latents are
+        written at its length."""
         B, T, _ = x.shape
         H, Dn, Dr, C = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
         if self.q_lora_rank is None:
@@ -70,11 +72,11 @@ class MLA(nn.Module):
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.view(B, T, H, Dn + Dr)
         q_nope, q_pe = q.split([Dn, Dr], dim=-1)  # (B, T, H, Dn), (B, T, H, Dr)
-        q_pe = apply_rope(q_pe, cos, sin, self.rope_interleaved)
-
         kv, k_pe = self.kv_a_proj_with_mqa(x).split([C, Dr], dim=-1)  # (B, T, C), (B, T, Dr)
         kv = self.kv_a_layernorm(kv)
-        k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin, self.rope_interleaved).squeeze(2)
+        # The shared key rides along as head H: one rotation for queries and key (fewer kernels per layer).
+        pe = apply_rope(torch.cat((q_pe, k_pe.unsqueeze(2)), dim=2), cos, sin, self.rope_interleaved)
+        q_pe, k_pe = pe[:, :, :H], pe[:, :, H]  # (B, T, H, Dr), (B, T, Dr)
 
         if cache is not None:
             latent = cache.update_latent(layer_idx, kv, k_pe).to(q.dtype)  # (B, S, C + Dr), S = cached + T
@@ -105,19 +107,37 @@ class MLA(nn.Module):
         )  # (B, H, T, Dv)
         return out.transpose(1, 2)
 
-    def _absorbed(self, q_nope, q_pe, latent, mask) -> torch.Tensor:
-        """Attends on the latent directly. latent (B, S, C + Dr). Returns (B, T, H, Dv)."""
+    def _absorbed(self, q_nope, q_pe, latent, bias) -> torch.Tensor:
+        """Attends on the latent directly. latent (B, S, C + Dr); bias from `absorbed_bias`. Returns (B, T, H, Dv).
+
+        Decoding runs this once per layer and token with tiny T, so it is written as few kernels as possible:
+        bmm on views instead of einsum (no permuted copies), the mask and softmax scale fused into one baddbmm.
+        """
         B, T, H, _ = q_nope.shape
-        S, C, Dn = latent.shape[1], self.kv_lora_rank, self.qk_nope_head_dim
-        w = self.kv_b_proj.weight.view(H, Dn + self.v_head_dim, C)
+        C, Dn, Dv = self.kv_lora_rank, self.qk_nope_head_dim, self.v_head_dim
+        w = self.kv_b_proj.weight.view(H, Dn + Dv, C)
         w_uk, w_uv = w[:, :Dn], w[:, Dn:]  # (H, Dn, C), (H, Dv, C): views, nothing copied
-        q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)  # (B, T, H, C)
-        q_cat = (
-            torch.cat((q_lat, q_pe), dim=-1).reshape(B, T * H, -1) * self.softmax_scale
-        )  # (B, T*H, C + Dr)
-        scores = torch.matmul(q_cat, latent.transpose(1, 2)).view(B, T, H, S)  # (B, T, H, S)
-        if mask is not None:
-            scores = scores.masked_fill(~mask[:, 0, :, None, :], torch.finfo(scores.dtype).min)
-        probs = scores.float().softmax(dim=-1).to(latent.dtype)
-        out_lat = torch.matmul(probs.view(B, T * H, S), latent[..., :C])  # (B, T*H, C)
-        return torch.einsum("bthc,hvc->bthv", out_lat.view(B, T, H, C), w_uv)  # (B, T, H, Dv)
+        q_lat = torch.bmm(q_nope.reshape(B * T, H, Dn).transpose(0, 1), w_uk)  # (H, B*T, C)
+        q_cat = torch.cat((q_lat.transpose(0, 1).view(B, T, H, C), q_pe), dim=-1)  # (B, T, H, C + Dr)
+        q_cat = q_cat.view(B, T * H, C + self.qk_rope_head_dim)
+        latent_t = latent.transpose(1, 2)  # (B, C + Dr, S)
+        if bias is None:
+            scores = torch.bmm(q_cat, latent_t) * self.softmax_scale
+        else:  # bias + scale * q.k in one kernel
+            scores = torch.baddbmm(bias.to(q_cat.dtype), q_cat, latent_t, alpha=self.softmax_scale)  # (B, T*H, S)
+        probs = scores.softmax(dim=-1, dtype=torch.float32).to(latent.dtype)
+        out_lat = torch.bmm(probs, latent[..., :C])  # (B, T*H, C)
+        out = torch.bmm(out_lat.view(B * T, H, C).transpose(0, 1), w_uv.transpose(1, 2))  # (H, B*T, Dv)
+        return out.transpose(0, 1).view(B, T, H, Dv)
+
+
+def absorbed_bias(allowed: torch.Tensor, num_heads: int, dtype: torch.dtype) -> torch.Tensor:
+    """allowed (B, T, S) bool, True = may attend -> the additive mask of the absorbed path: 0 where allowed, the
+    dtype's most negative finite value elsewhere (finite, so no inf - inf), laid out to match its score rows
+    (t, h): (B, 1, S), broadcast over the heads, when T == 1, else (B, T*H, S)."""
+    B, T, S = allowed.shape
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    bias.masked_fill_(~allowed, torch.finfo(dtype).min)
+    if T == 1:
+        return bias
+    return bias[:, :, None, :].expand(B, T, num_heads, S).reshape(B, T * num_heads, S)

@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .cache import LatentCache
 from .config import ModelConfig
-from .mla import MLA
+from .mla import MLA, absorbed_bias
 from .moe import MLP, Experts, MoE, MoEStats, update_bias
 from .norm import RMSNorm
 from .rope import RotaryEmbedding
@@ -159,7 +159,11 @@ class DeepseekForCausalLM(nn.Module):
                     f"got {tuple(attention_mask.shape)}"
                 )
             attention_mask = attention_mask.to(device)
-            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
+            # The cached columns only matter through their count: one sum, not a cumsum over all S (decoding).
+            new = attention_mask[:, past:].long().cumsum(-1)  # (B, T)
+            if past > 0:
+                new = new + attention_mask[:, :past].sum(-1, keepdim=True, dtype=torch.long)
+            positions = (new - 1).clamp(min=0)  # (B, T)
         else:
             positions = torch.arange(past, S, device=device).expand(B, T)
         mask = None  # None: plain causal attention over exactly the T new tokens
@@ -170,7 +174,12 @@ class DeepseekForCausalLM(nn.Module):
             if attention_mask is not None:
                 # A padding query still sees itself, so its (ignored) row stays finite: no NaN in backward.
                 allowed = (allowed & attention_mask.bool()[:, None, :]) | (k_pos[None, :] == q_pos[:, None])
-            mask = allowed.expand(B, T, S).unsqueeze(1)  # (B, 1, T, S)
+            allowed = allowed.expand(B, T, S)
+            # Built once here, shared by every layer.
+            if absorb:
+                mask = absorbed_bias(allowed, self.config.num_attention_heads, self.model.embed_tokens.weight.dtype)
+            else:
+                mask = allowed.unsqueeze(1)  # (B, 1, T, S)
 
         cos, sin = self.rotary(positions)  # (B, T, Dr/2) each
         h = self.model.embed_tokens(input_ids)

@@ -5,6 +5,7 @@ import torch
 
 from model.cache import LatentCache
 from model.config import ModelConfig
+from model.mla import absorbed_bias
 from model.transformer import DeepseekForCausalLM
 
 BASE = dict(
@@ -226,3 +227,18 @@ def test_bf16_autocast_runs_both_paths():
     scale = ref.logits.abs().max().item()
     assert max_diff(plain, ref.logits) < 0.05 * scale
     assert max_diff(torch.cat(steps, dim=1).float(), ref.logits[:, 6:]) < 0.05 * scale
+
+
+def test_absorbed_bias_by_hand():
+    low = torch.finfo(torch.float32).min
+    # One new token (decoding): one row per sequence, broadcast over the heads.
+    allowed = torch.tensor([[[True, False, True]], [[False, True, True]]])  # (B=2, T=1, S=3)
+    bias = absorbed_bias(allowed, num_heads=4, dtype=torch.float32)
+    assert bias.shape == (2, 1, 3)
+    assert bias.tolist() == [[[0.0, low, 0.0]], [[low, 0.0, 0.0]]]
+    # Two new tokens, 2 heads: rows follow the scores' (t, h) order: t0h0, t0h1, t1h0, t1h1.
+    allowed = torch.tensor([[[True, True, False], [True, True, True]]])  # (B=1, T=2, S=3), causal
+    bias = absorbed_bias(allowed, num_heads=2, dtype=torch.bfloat16)
+    low = torch.finfo(torch.bfloat16).min
+    assert bias.dtype == torch.bfloat16 and bias.shape == (1, 4, 3)
+    assert bias.tolist() == [[[0.0, 0.0, low], [0.0, 0.0, low], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]]

@@ -204,3 +204,30 @@ def test_positions_follow_the_mask_not_the_column():
         assert torch.allclose(model(padded, attention_mask=mask).logits[:, 3:], model(x).logits, atol=1e-5)
         # Without the mask the padding would count as context and positions would shift.
         assert not torch.allclose(model(padded).logits[:, 3:], model(x).logits, atol=1e-3)
+
+
+def test_rms_norm_by_hand_fused_fp32_and_bf16_paths():
+    from model.norm import RMSNorm
+
+    norm = RMSNorm(2, eps=0.0)
+    with torch.no_grad():
+        norm.weight.copy_(torch.tensor([1.0, 2.0]))
+    # x = [3, 4]: rms = sqrt((9 + 16) / 2) = sqrt(12.5) = 3.5355; x / rms = [0.8485, 1.1314]; times w = [0.8485, 2.2627]
+    x = torch.tensor([[3.0, 4.0]], requires_grad=True)
+    out = norm(x)  # fp32: the fused F.rms_norm path
+    torch.testing.assert_close(out, torch.tensor([[3 / 12.5**0.5, 8 / 12.5**0.5]]))
+    # Same values and gradients as the written-out formula.
+    y = torch.randn(5, 7, 16, requires_grad=True)
+    norm = RMSNorm(16)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.3 * torch.randn(16))
+    formula = norm.weight * (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-6))
+    fused = norm(y)
+    torch.testing.assert_close(fused, formula)
+    g = torch.randn_like(fused)
+    torch.testing.assert_close(torch.autograd.grad(fused, (y, norm.weight), g),
+                               torch.autograd.grad(formula, (y, norm.weight), g))
+    # bf16 input: statistics in fp32, rounded to bf16 before the (fp32) weight multiplies.
+    yb = y.detach().bfloat16()
+    expected = norm.weight * (yb.float() * torch.rsqrt(yb.float().pow(2).mean(-1, keepdim=True) + 1e-6)).bfloat16()
+    assert torch.equal(norm(yb), expected)
