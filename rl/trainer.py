@@ -211,11 +211,8 @@ class Trainer:
             from deepspeed.utils import set_z3_leaf_modules
 
             set_z3_leaf_modules(policy, [tzmodel.MoE])
-        # Everywhere else an expert no token picked would have no gradient: DDP and ZeRO-2 then reduce different
-        # gradient sets on different ranks (a hang). A zero-weighted term puts every routed expert in the graph
-        # (zero gradient when unpicked), the same treatment ZeRO-3 gives them.
-        self.expert_params = [] if self.zero3 else [
-            p for m in policy.modules() if isinstance(m, tzmodel.MoE) for p in m.experts.parameters()]
+        # Elsewhere nothing is needed for experts no token picked: each layer's experts are stacked in one tensor
+        # per projection, so every rank always has a gradient (zero where unpicked) for the same parameters.
         self.model, self.optimizer = acc.prepare(policy, self.optimizer)
         if self.zero3 and self.ref_model is not None and not cfg.model.ref_model_on_cpu:
             self.ref_model = self._partition_reference(self.ref_model)
@@ -555,8 +552,6 @@ class Trainer:
                         loss_sum += float(m.pop("policy_loss")) * share
                         if a.moe.aux_loss_coef > 0 and self.moe_layers:
                             loss = loss + a.moe.aux_loss_coef * out.aux_loss * (mask.shape[0] / mini_global)
-                        if self.expert_params:
-                            loss = loss + 0.0 * sum(p.sum() for p in self.expert_params)
                         # Normalisers above are global; DDP/DeepSpeed average gradients over ranks, so undo that.
                         scaled = nan_point(loss, self.step + 1) * self.world_size
                         self._backward(scaled, last)
