@@ -90,6 +90,21 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
+def inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """probs (n, V) >= 0, each row summing to > 0 (need not be normalised); uniform (n,) in [0, 1) -> tokens (n,).
+
+    Row i draws the first token whose cumulative probability exceeds uniform[i] * (row total), so token j is drawn
+    for uniform in [cdf[j-1], cdf[j]) / total: with probability p_j, and never when p_j = 0. The cumulative sum is
+    float64 so that at large V the tail's small probabilities keep their share.
+    """
+    cdf = probs.double().cumsum(dim=-1)  # (n, V)
+    total = cdf[:, -1:]  # (n, 1)
+    x = uniform.double()[:, None] * total
+    # Strictly below the total even after rounding, so the draw never runs past the last token with p > 0.
+    x = torch.minimum(x, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, x, right=True)[:, 0]
+
+
 def sample_next(
     logits: torch.Tensor,
     temperature: float,
@@ -119,12 +134,15 @@ def sample_next(
         scaled = filter_logits(scaled, top_k, top_p)
     log_z_s = torch.logsumexp(scaled, dim=-1) if (filtered or temperature != 1.0) else log_z
     probs = torch.exp(scaled - log_z_s[:, None])  # (n, V)
+    # One uniform per row (torch.multinomial spends an exponential draw per vocabulary entry).
+    n = probs.shape[0]
     if row_generators is None:
-        tokens = torch.multinomial(probs, 1, generator=generator)  # (n, 1)
+        uniform = torch.rand(n, dtype=torch.float64, device=probs.device, generator=generator)
     else:
-        tokens = torch.empty((probs.shape[0], 1), dtype=torch.long, device=probs.device)
+        uniform = torch.empty(n, dtype=torch.float64, device=probs.device)
         for idx, gen in row_generators:
-            tokens[idx] = torch.multinomial(probs[idx], 1, generator=gen)
+            uniform[idx] = torch.rand(len(idx), dtype=torch.float64, device=probs.device, generator=gen)
+    tokens = inverse_cdf(probs, uniform)[:, None]  # (n, 1)
     sampling_logprobs = scaled.gather(-1, tokens)[:, 0] - log_z_s
     logprobs = logits.gather(-1, tokens)[:, 0] - log_z
     return tokens[:, 0], sampling_logprobs, logprobs

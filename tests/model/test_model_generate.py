@@ -10,6 +10,7 @@ from model.generate import (
     StopStringChecker,
     filter_logits,
     generate,
+    inverse_cdf,
     sample_next,
 )
 
@@ -66,6 +67,30 @@ def test_sample_next_frequencies_match_the_distribution():
     b, _, _ = sample_next(logits[:100], 2.0, generator=torch.Generator().manual_seed(5))
     c, _, _ = sample_next(logits[:100], 2.0, generator=torch.Generator().manual_seed(6))
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_inverse_cdf_by_hand():
+    # cdf of [0.5, 0.3, 0.2] is [0.5, 0.8, 1.0]: token j for u in [cdf[j-1], cdf[j]).
+    p = torch.tensor([[0.5, 0.3, 0.2]]).expand(6, 3)
+    u = torch.tensor([0.0, 0.49, 0.5, 0.79, 0.81, 0.999])
+    assert inverse_cdf(p, u).tolist() == [0, 0, 1, 1, 2, 2]
+    # Zero-probability tokens are never drawn, not even at the ends (u = 0, or u * total rounding up to the total).
+    p = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0]]).expand(4, 5)
+    assert inverse_cdf(p, torch.tensor([0.0, 0.4999, 0.5, 1.0])).tolist() == [1, 1, 3, 3]
+    # Rows need not be normalised: [1, 3] has cdf [1, 4], so u = 0.2 -> 0.8 -> token 0; u = 0.3 -> 1.2 -> token 1.
+    p = torch.tensor([[1.0, 3.0], [1.0, 3.0]])
+    assert inverse_cdf(p, torch.tensor([0.2, 0.3])).tolist() == [0, 1]
+
+
+def test_row_generators_draw_as_each_block_alone():
+    """A block of rows with its own generator draws exactly what it draws alone (per-prompt streams)."""
+    torch.manual_seed(0)
+    logits = torch.randn(6, 40) * 2
+    blocks = [(torch.tensor([0, 2, 4]), 7), (torch.tensor([1, 3, 5]), 8)]
+    tok, _, _ = sample_next(logits, 1.0, row_generators=[(i, torch.Generator().manual_seed(s)) for i, s in blocks])
+    for idx, seed in blocks:
+        alone, _, _ = sample_next(logits[idx], 1.0, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(tok[idx], alone)
 
 
 def test_stop_string_checker_spans_tokens_and_only_decodes_the_tail():
