@@ -60,7 +60,7 @@ class MLA(nn.Module):
         layer_idx: int = 0,
         absorb: bool = False,
     ) -> torch.Tensor:
-        """x (B, T, D); cos/sin (B, T, Dr/2). mask: for the plain path (B, 1, T, S) bool, True = may attend, or
+        """x (B, T, D); cos/sin (B, T, 1, Dr/2). mask: for the plain path (B, 1, T, S) bool, True = may attend, or
         None for causal attention without a cache; for the absorbed path the additive bias of `absorbed_bias`
         (built once per forward, shared by the layers) or None. With a cache, this layer's new latents are
         written at its length."""
@@ -79,7 +79,7 @@ class MLA(nn.Module):
         q_pe, k_pe = pe[:, :, :H], pe[:, :, H]  # (B, T, H, Dr), (B, T, Dr)
 
         if cache is not None:
-            latent = cache.update_latent(layer_idx, kv, k_pe).to(q.dtype)  # (B, S, C + Dr), S = cached + T
+            latent = _as(cache.update_latent(layer_idx, kv, k_pe), q.dtype)  # (B, S, C + Dr), S = cached + T
         else:
             latent = torch.cat((kv, k_pe), dim=-1) if absorb else None
         if absorb:
@@ -124,11 +124,16 @@ class MLA(nn.Module):
         if bias is None:
             scores = torch.bmm(q_cat, latent_t) * self.softmax_scale
         else:  # bias + scale * q.k in one kernel
-            scores = torch.baddbmm(bias.to(q_cat.dtype), q_cat, latent_t, alpha=self.softmax_scale)  # (B, T*H, S)
-        probs = scores.softmax(dim=-1, dtype=torch.float32).to(latent.dtype)
+            scores = torch.baddbmm(_as(bias, q_cat.dtype), q_cat, latent_t, alpha=self.softmax_scale)  # (B, T*H, S)
+        probs = _as(scores.softmax(dim=-1, dtype=torch.float32), latent.dtype)
         out_lat = torch.bmm(probs, latent[..., :C])  # (B, T*H, C)
         out = torch.bmm(out_lat.view(B * T, H, C).transpose(0, 1), w_uv.transpose(1, 2))  # (H, B*T, Dv)
         return out.transpose(0, 1).view(B, T, H, Dv)
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in dtype; a no-op `.to` still costs a dispatch, and decoding makes hundreds of calls per token."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def absorbed_bias(allowed: torch.Tensor, num_heads: int, dtype: torch.dtype) -> torch.Tensor:

@@ -94,11 +94,15 @@ class RotaryEmbedding(nn.Module):
 def apply_rope(
     x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = True
 ) -> torch.Tensor:
-    """Rotates x (B, T, H, R) at its positions; cos/sin (B, T, R/2). Output [rotated evens | rotated odds]."""
+    """Rotates x (B, T, H, R) at its positions; cos/sin (B, T, R/2), or (B, T, 1, R/2) already shaped to broadcast
+    over the heads (the model reshapes them once per forward, not once per layer). Output [rotated evens | rotated
+    odds]."""
     if interleaved:
         x1, x2 = x[..., 0::2], x[..., 1::2]  # pairs (x0, x1), (x2, x3), ...
     else:
         x1, x2 = x.chunk(2, dim=-1)  # pairs (x_i, x_{i+R/2})
-    cos = cos.unsqueeze(2).to(x.dtype)  # (B, T, 1, R/2)
-    sin = sin.unsqueeze(2).to(x.dtype)
+    if cos.dim() < x.dim():
+        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # (B, T, 1, R/2)
+    if cos.dtype != x.dtype:
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)

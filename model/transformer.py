@@ -182,6 +182,7 @@ class DeepseekForCausalLM(nn.Module):
                 mask = allowed.unsqueeze(1)  # (B, 1, T, S)
 
         cos, sin = self.rotary(positions)  # (B, T, Dr/2) each
+        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # (B, T, 1, Dr/2): broadcast over the heads in every layer
         h = self.model.embed_tokens(input_ids)
         stats: list[MoEStats] = []
         for layer in self.model.layers:
