@@ -60,10 +60,58 @@ class MLA(nn.Module):
         layer_idx: int = 0,
         absorb: bool = False,
     ) -> torch.Tensor:
-        """x (B, T, D); cos/sin (B, T, 1, Dr/2). mask: for the plain path (B, 1, T, S) bool, True = may attend, or
+        """x (B, T, D); cos/sin (B, T, Dr/2). mask: for the plain path (B, 1, T, S) bool, True = may attend, or
         None for causal attention without a cache; for the absorbed path the additive bias of `absorbed_bias`
         (built once per forward, shared by the layers) or None. With a cache, this layer's new latents are
         written at its length."""
+        B, T, _ = x.shape
+        C = self.kv_lora_rank
+        q_nope, q_pe, kv, k_pe = self._project(x, cos, sin)
+        if cache is not None:
+            latent = cache.update_latent(layer_idx, kv, k_pe).to(q_nope.dtype)  # (B, S, C + Dr), S = cached + T
+        else:
+            latent = torch.cat((kv, k_pe), dim=-1) if absorb else None
+        if absorb:
+            out = self._absorbed(q_nope, q_pe, latent, mask)
+        else:
+            if latent is not None:
+                kv, k_pe = latent[..., :C], latent[..., C:]
+            k, v = self._expand(kv, k_pe)
+            out = self._attend(torch.cat((q_nope, q_pe), dim=-1), k, v, mask)
+        return self.o_proj(out.reshape(B, T, self.num_heads * self.v_head_dim))
+
+    def forward_shared(
+        self,
+        x_prefix: torch.Tensor,
+        x: torch.Tensor,
+        rope_prefix: tuple[torch.Tensor, torch.Tensor],
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask_prefix: torch.Tensor,
+        mask: torch.Tensor,
+        group_size: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows in groups of `group_size` that share their first Tp tokens, given once per group.
+
+        x_prefix (P, Tp, D) the shared tokens; x (P*G, Tc, D) each row's own tokens; rope_* their (cos, sin);
+        mask_prefix (P, 1, Tp, Tp) and mask (P*G, 1, Tc, Tp + Tc) bool. The prefix is projected and its keys and
+        values expanded once per group; each row's queries attend to [its group's prefix | its own tokens].
+        Returns the attention outputs for x_prefix (P, Tp, D) and x (P*G, Tc, D).
+        """
+        (P, Tp, _), (N, Tc, _) = x_prefix.shape, x.shape
+        HDv = self.num_heads * self.v_head_dim
+        q_nope_p, q_pe_p, kv_p, k_pe_p = self._project(x_prefix, *rope_prefix)
+        q_nope, q_pe, kv, k_pe = self._project(x, *rope)
+        k_p, v_p = self._expand(kv_p, k_pe_p)  # (P, Tp, H, Dn + Dr), (P, Tp, H, Dv)
+        out_p = self._attend(torch.cat((q_nope_p, q_pe_p), dim=-1), k_p, v_p, mask_prefix)
+        k_own, v_own = self._expand(kv, k_pe)  # (N, Tc, H, .)
+        k = torch.cat((k_p.repeat_interleave(group_size, dim=0), k_own), dim=1)  # (N, Tp + Tc, H, Dn + Dr)
+        v = torch.cat((v_p.repeat_interleave(group_size, dim=0), v_own), dim=1)
+        out = self._attend(torch.cat((q_nope, q_pe), dim=-1), k, v, mask)
+        return self.o_proj(out_p.reshape(P, Tp, HDv)), self.o_proj(out.reshape(N, Tc, HDv))
+
+    def _project(self, x, cos, sin):
+        """x (B, T, D) -> q_nope (B, T, H, Dn), roped q_pe (B, T, H, Dr), normalised latent kv (B, T, C), roped
+        shared key k_pe (B, T, Dr)."""
         B, T, _ = x.shape
         H, Dn, Dr, C = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
         if self.q_lora_rank is None:
@@ -76,27 +124,24 @@ class MLA(nn.Module):
         kv = self.kv_a_layernorm(kv)
         # The shared key rides along as head H: one rotation for queries and key (fewer kernels per layer).
         pe = apply_rope(torch.cat((q_pe, k_pe.unsqueeze(2)), dim=2), cos, sin, self.rope_interleaved)
-        q_pe, k_pe = pe[:, :, :H], pe[:, :, H]  # (B, T, H, Dr), (B, T, Dr)
+        return q_nope, pe[:, :, :H], kv, pe[:, :, H]
 
-        if cache is not None:
-            latent = _as(cache.update_latent(layer_idx, kv, k_pe), q.dtype)  # (B, S, C + Dr), S = cached + T
-        else:
-            latent = torch.cat((kv, k_pe), dim=-1) if absorb else None
-        if absorb:
-            out = self._absorbed(q_nope, q_pe, latent, mask)
-        else:
-            if latent is not None:
-                kv, k_pe = latent[..., :C], latent[..., C:]
-            out = self._plain(q_nope, q_pe, kv, k_pe, mask)
-        return self.o_proj(out.reshape(B, T, H * self.v_head_dim))
-
-    def _plain(self, q_nope, q_pe, kv, k_pe, mask) -> torch.Tensor:
-        """Expands the latent into per-head keys/values. Returns (B, T, H, Dv)."""
+    def _expand(self, kv, k_pe) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latent kv (B, S, C), k_pe (B, S, Dr) -> per-head keys (B, S, H, Dn + Dr) and values (B, S, H, Dv)."""
         B, S, _ = kv.shape
         H, Dn, Dv, Dr = self.num_heads, self.qk_nope_head_dim, self.v_head_dim, self.qk_rope_head_dim
         k_nope, v = self.kv_b_proj(kv).view(B, S, H, Dn + Dv).split([Dn, Dv], dim=-1)
-        k = torch.cat((k_nope, k_pe.unsqueeze(2).expand(B, S, H, Dr)), dim=-1)  # (B, S, H, Dn + Dr)
-        q = torch.cat((q_nope, q_pe), dim=-1)  # (B, T, H, Dn + Dr)
+        k = torch.cat((k_nope, k_pe.unsqueeze(2).expand(B, S, H, Dr)), dim=-1)
+        return k, v
+
+    def _attend(self, q, k, v, mask) -> torch.Tensor:
+        """q (B, T, H, Dq), k (B, S, H, Dq), v (B, S, H, Dv); mask (B, 1, T, S) bool or None (causal).
+        Returns (B, T, H, Dv)."""
+        Dv = v.shape[-1]
+        if v.device.type == "cpu" and Dv < q.shape[-1]:
+            # PyTorch's fused CPU attention kernel needs equal head dims (else the ~2x slower math path runs):
+            # zero-pad the values, drop the padded outputs.
+            v = F.pad(v, (0, q.shape[-1] - Dv))
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2),
             k.transpose(1, 2),
@@ -105,7 +150,7 @@ class MLA(nn.Module):
             is_causal=mask is None,
             scale=self.softmax_scale,
         )  # (B, H, T, Dv)
-        return out.transpose(1, 2)
+        return out.transpose(1, 2)[..., :Dv]
 
     def _absorbed(self, q_nope, q_pe, latent, bias) -> torch.Tensor:
         """Attends on the latent directly. latent (B, S, C + Dr); bias from `absorbed_bias`. Returns (B, T, H, Dv).

@@ -55,6 +55,33 @@ class DecoderLayer(nn.Module):
             return h + y, stats
         return h + self.mlp(x), None
 
+    def forward_shared(self, h_prefix, h, rope_prefix, rope, mask_prefix, mask, group_size, topk_prefix, topk):
+        """Rows in groups sharing a prefix (see MLA.forward_shared): h_prefix (P, Tp, D) once per group, h (P*G,
+        Tc, D) per row. Returns (h_prefix, h, MoEStats over the full rows or None for a dense layer)."""
+        a_prefix, a = self.self_attn.forward_shared(self.input_layernorm(h_prefix), self.input_layernorm(h),
+                                                    rope_prefix, rope, mask_prefix, mask, group_size)
+        h_prefix, h = h_prefix + a_prefix, h + a
+        x_prefix, x = self.post_attention_layernorm(h_prefix), self.post_attention_layernorm(h)
+        if not self.is_moe:
+            return h_prefix + self.mlp(x_prefix), h + self.mlp(x), None
+        # One MoE call over every token: the prefix tokens once, then the rows' own tokens.
+        (P, Tp, D), (N, Tc, _) = x_prefix.shape, x.shape
+        flat = torch.cat((x_prefix.reshape(1, P * Tp, D), x.reshape(1, N * Tc, D)), dim=1)
+        replay = None
+        if topk is not None:
+            replay = torch.cat((topk_prefix.reshape(1, P * Tp, -1), topk.reshape(1, N * Tc, -1)), dim=1)
+        y, stats = self.mlp(flat, replay)
+        idx_prefix, idx = stats.topk_idx[0].split([P * Tp, N * Tc])
+        idx_prefix = idx_prefix.view(P, Tp, -1)
+        # Per full row, as the plain forward reports them: the prefix counts once for each row of its group.
+        counts = stats.expert_counts + (group_size - 1) * torch.bincount(
+            idx_prefix.flatten(), minlength=stats.expert_counts.numel())
+        stats = MoEStats(
+            topk_idx=torch.cat((idx_prefix.repeat_interleave(group_size, dim=0), idx.view(N, Tc, -1)), dim=1),
+            expert_counts=counts, aux_loss=stats.aux_loss)
+        y_prefix, y = y[0].split([P * Tp, N * Tc])
+        return h_prefix + y_prefix.view(P, Tp, D), h + y.view(N, Tc, D), stats
+
 
 class DeepseekModel(nn.Module):
     """The `model.` prefix of the checkpoint names: embeddings, decoder layers, final norm."""
@@ -133,11 +160,18 @@ class DeepseekForCausalLM(nn.Module):
         return_routing: bool = False,
         compute_entropy: bool = False,
         absorb: bool | None = None,
+        shared_prefix: int = 0,
+        group_size: int = 1,
     ) -> "CausalLMOutput":
         """input_ids (B, T); attention_mask (B, cached + T), 1 real / 0 pad (left padding), None: all real.
 
         target_ids (B, n): instead of logits, return logprobs[:, j] = log p(target_ids[:, j]) under the prediction
         made at position target_start + j (so target_ids = input_ids[:, 1:] with target_start 0 scores a sequence).
+
+        shared_prefix, group_size: the rows come in consecutive groups of `group_size` whose first `shared_prefix`
+        columns (ids and mask) are identical, e.g. a prompt and its G completions. The shared columns then go
+        through the model once per group instead of once per row; every output is what the plain forward gives.
+        (Not with a cache, and not while a sequence-wise MoE balance loss is being trained: it needs whole rows.)
         """
         B, T = input_ids.shape
         device = input_ids.device
@@ -150,6 +184,11 @@ class DeepseekForCausalLM(nn.Module):
             raise ValueError(
                 f"routing has {len(routing)} entries; the model has {len(moe_layers)} MoE layers"
             )
+        share = group_size > 1 and shared_prefix > 0
+        if share:
+            _check_shared_prefix(input_ids, attention_mask, cache, shared_prefix, group_size)
+            # The sequence-wise balance loss is a statistic of whole rows: compute those the plain way.
+            share = not (self.training and any(m.gate.aux_loss_alpha > 0 for m in moe_layers))
 
         # Positions count real tokens only, so a left-padded row matches the same row without padding.
         if attention_mask is not None:
@@ -167,7 +206,7 @@ class DeepseekForCausalLM(nn.Module):
         else:
             positions = torch.arange(past, S, device=device).expand(B, T)
         mask = None  # None: plain causal attention over exactly the T new tokens
-        if attention_mask is not None or past > 0 or absorb:
+        if attention_mask is not None or past > 0 or absorb or share:
             q_pos = torch.arange(past, S, device=device)
             k_pos = torch.arange(S, device=device)
             allowed = k_pos[None, :] <= q_pos[:, None]  # (T, S) causal
@@ -183,16 +222,21 @@ class DeepseekForCausalLM(nn.Module):
 
         cos, sin = self.rotary(positions)  # (B, T, Dr/2) each
         cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # (B, T, 1, Dr/2): broadcast over the heads in every layer
-        h = self.model.embed_tokens(input_ids)
-        stats: list[MoEStats] = []
-        for layer in self.model.layers:
-            topk_idx = routing[len(stats)] if routing is not None and layer.is_moe else None
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None:
-                h, s = checkpoint(layer, h, cos, sin, mask, None, topk_idx, absorb, use_reentrant=False)
-            else:
-                h, s = layer(h, cos, sin, mask, cache, topk_idx, absorb)
-            if s is not None:
-                stats.append(s)
+        checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
+        if share:
+            h, stats = self._shared_layers(input_ids, (cos, sin), mask, routing, shared_prefix, group_size,
+                                           checkpointed)
+        else:
+            h = self.model.embed_tokens(input_ids)
+            stats: list[MoEStats] = []
+            for layer in self.model.layers:
+                topk_idx = routing[len(stats)] if routing is not None and layer.is_moe else None
+                if checkpointed:
+                    h, s = checkpoint(layer, h, cos, sin, mask, None, topk_idx, absorb, use_reentrant=False)
+                else:
+                    h, s = layer(h, cos, sin, mask, cache, topk_idx, absorb)
+                if s is not None:
+                    stats.append(s)
         if cache is not None:
             cache.advance(T)
         h = self.model.norm(h)
@@ -215,6 +259,27 @@ class DeepseekForCausalLM(nn.Module):
             h = h[:, target_start : target_start + n]
             out.logprobs, out.entropy = self.target_logprobs(h, target_ids, temperature, compute_entropy)
         return out
+
+    def _shared_layers(self, input_ids, rope, mask, routing, Tp: int, G: int, checkpointed: bool):
+        """The decoder layers with the first Tp columns computed once per group of G rows. Returns the final
+        hidden states of the full rows (B, T, D), the prefix part repeated over each group, and the layer stats."""
+        rope_prefix = tuple(t[::G, :Tp] for t in rope)  # (P, Tp, 1, Dr/2) each
+        rope_own = tuple(t[:, Tp:] for t in rope)
+        mask_prefix, mask_own = mask[::G, :, :Tp, :Tp], mask[:, :, Tp:]  # (P, 1, Tp, Tp), (B, 1, Tc, T)
+        h_prefix, h = self.model.embed_tokens(input_ids[::G, :Tp]), self.model.embed_tokens(input_ids[:, Tp:])
+        stats: list[MoEStats] = []
+        for layer in self.model.layers:
+            topk_prefix = topk = None
+            if routing is not None and layer.is_moe:
+                topk_prefix, topk = routing[len(stats)][::G, :Tp], routing[len(stats)][:, Tp:]
+            args = (h_prefix, h, rope_prefix, rope_own, mask_prefix, mask_own, G, topk_prefix, topk)
+            if checkpointed:
+                h_prefix, h, s = checkpoint(layer.forward_shared, *args, use_reentrant=False)
+            else:
+                h_prefix, h, s = layer.forward_shared(*args)
+            if s is not None:
+                stats.append(s)
+        return torch.cat((h_prefix.repeat_interleave(G, dim=0), h), dim=1), stats
 
     def target_logprobs(
         self,
@@ -243,6 +308,22 @@ class DeepseekForCausalLM(nn.Module):
             logprobs.append(lp)
             entropy.append(ent)
         return torch.cat(logprobs, dim=1), torch.cat(entropy, dim=1) if compute_entropy else None
+
+
+def _check_shared_prefix(input_ids, attention_mask, cache, shared_prefix: int, group_size: int) -> None:
+    B, T = input_ids.shape
+    if cache is not None:
+        raise ValueError("shared_prefix cannot be used with a cache (prefill the prompt once and copy the cache)")
+    if not 0 < shared_prefix < T or B % group_size:
+        raise ValueError(f"shared_prefix={shared_prefix}, group_size={group_size}: need 0 < shared_prefix < "
+                         f"{T} columns and a batch of whole groups ({B} rows is not a multiple of {group_size})")
+    parts = [input_ids] if attention_mask is None else [input_ids, attention_mask]
+    for t in parts:
+        grouped = t[:, :shared_prefix].view(B // group_size, group_size, shared_prefix)
+        differs = (grouped != grouped[:, :1]).any(dim=2).any(dim=1)  # (P,)
+        if differs.any():
+            raise ValueError(f"shared_prefix: the rows of group {int(differs.nonzero()[0])} (rows of "
+                             f"group_size={group_size}) do not share their first {shared_prefix} columns")
 
 
 def _chunk_logprobs(lm_head: nn.Module, h, targets, temperature: float, compute_entropy: bool):

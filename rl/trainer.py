@@ -465,17 +465,24 @@ class Trainer:
 
     # ---- log-probs ----------------------------------------------------------------------------------------------
 
-    def _completion_logprobs(self, module: nn.Module, rb: RolloutBatch, rows: slice | torch.Tensor, *,
+    def _completion_logprobs(self, module: nn.Module, rb: RolloutBatch, rows: slice, *, first_row: int | None = None,
                              routing: bool = False, return_routing: bool = False, compute_entropy: bool = False):
-        """Log-probs of the completion tokens of the given rows under `module` (B, Tc), plus the forward output."""
+        """Log-probs of the completion tokens of the given rows under `module` (B, Tc), plus the forward output.
+        `first_row`: the index of rows' first row in the step's batch when `rb` is already a slice of it."""
         input_ids = rb.input_ids[rows]  # (B, Tp + Tc)
         mask = rb.attention_mask[rows]  # (B, Tp + Tc)
         Tp = rb.prompt_ids.shape[1]
         replay = [r[rows] for r in rb.routing] if routing and rb.routing is not None else None
+        # Rows are prompt-major: when these rows are whole groups, each prompt goes through the model once for its
+        # G completions (same numbers, fewer tokens).
+        G = self.cfg.rollout.num_generations
+        start = first_row if first_row is not None else rows.start or 0
+        whole_groups = start % G == 0 and input_ids.shape[0] % G == 0
         # Completion token j is predicted at position Tp - 1 + j; only those positions reach the output layer.
         out = module(input_ids, mask, target_ids=rb.completion_ids[rows], target_start=Tp - 1,
                      temperature=self.cfg.rollout.temperature or 1.0, routing=replay,
-                     return_routing=return_routing, compute_entropy=compute_entropy)
+                     return_routing=return_routing, compute_entropy=compute_entropy,
+                     shared_prefix=Tp if whole_groups else 0, group_size=G if whole_groups else 1)
         return out.logprobs, out.entropy, out
 
     @torch.no_grad()
@@ -506,7 +513,7 @@ class Trainer:
             for s in range(0, N, self.micro):
                 rows = slice(s, s + self.micro)
                 sub = _to_device(rb, rows, ref_device)
-                lp, _, _ = self._completion_logprobs(self.ref_model, sub, slice(None))
+                lp, _, _ = self._completion_logprobs(self.ref_model, sub, slice(None), first_row=s)
                 ref.append(lp.to(self.device))
             step.ref_logprobs = torch.cat(ref)
 
