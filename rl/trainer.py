@@ -473,16 +473,17 @@ class Trainer:
         mask = rb.attention_mask[rows]  # (B, Tp + Tc)
         Tp = rb.prompt_ids.shape[1]
         replay = [r[rows] for r in rb.routing] if routing and rb.routing is not None else None
-        # Rows are prompt-major: when these rows are whole groups, each prompt goes through the model once for its
-        # G completions (same numbers, fewer tokens).
-        G = self.cfg.rollout.num_generations
+        # Rows are prompt-major (G per prompt). Cut into aligned blocks of g = gcd(G, rows) rows, every block lies
+        # within one prompt's group, so the forward computes that prompt once per block (same numbers, fewer
+        # tokens): once per group when a micro-batch holds whole groups, once per micro-batch when it holds part of one.
         start = first_row if first_row is not None else rows.start or 0
-        whole_groups = start % G == 0 and input_ids.shape[0] % G == 0
+        g = math.gcd(self.cfg.rollout.num_generations, input_ids.shape[0])
+        share = g > 1 and start % g == 0
         # Completion token j is predicted at position Tp - 1 + j; only those positions reach the output layer.
         out = module(input_ids, mask, target_ids=rb.completion_ids[rows], target_start=Tp - 1,
                      temperature=self.cfg.rollout.temperature or 1.0, routing=replay,
                      return_routing=return_routing, compute_entropy=compute_entropy,
-                     shared_prefix=Tp if whole_groups else 0, group_size=G if whole_groups else 1)
+                     shared_prefix=Tp if share else 0, group_size=g if share else 1)
         return out.logprobs, out.entropy, out
 
     @torch.no_grad()

@@ -166,3 +166,38 @@ def test_dynamic_sampling_keeps_only_informative_groups(tmp_path):
     full = {r["step"] for r in records if r["dynamic_sampling/filled_groups"] == 0}  # steps not topped up
     kept = [answers[row["prompt"]] for row in rows if row["step"] in full]
     assert kept and all(int(a) % 2 == 0 for a in kept), "an uninformative (odd-answer) group reached the update"
+
+
+def test_log_probs_share_each_prompt_across_its_rows_with_the_same_numbers(tmp_path):
+    """Micro-batches of whole groups, of part of a group, and misaligned ones: the forward is told to share each
+    prompt over gcd(G, rows) rows when the rows allow it, and the log-probs equal the plain forward's."""
+    from rl.trainer import Trainer
+
+    recipe = _recipe(tmp_path, rollout={"num_generations": 4, "prompts_per_step": 3, "max_new_tokens": 8},
+                     logging={"mode": "disabled", "console": False, "completions_every": 0},
+                     train={"max_steps": 1, "save_every": 0})
+    trainer = Trainer(load_config(recipe))
+    try:
+        step, _, _ = trainer.collect()
+        rb, policy = step.rollout, trainer.policy.eval()
+        calls = []
+        forward = policy.forward
+
+        def spy(*args, **kwargs):
+            calls.append((kwargs["shared_prefix"], kwargs["group_size"]))
+            return forward(*args, **kwargs)
+
+        policy.forward = spy
+        Tp = rb.prompt_ids.shape[1]
+        with torch.no_grad():
+            for rows, expected in [(slice(0, 12), (Tp, 4)), (slice(4, 6), (Tp, 2)), (slice(2, 4), (Tp, 2)),
+                                   (slice(8, 16), (Tp, 4)), (slice(1, 3), (0, 1)), (slice(3, 6), (0, 1))]:
+                calls.clear()
+                lp, _, _ = trainer._completion_logprobs(policy, rb, rows)
+                assert calls == [expected], (rows, calls)
+                plain = forward(rb.input_ids[rows], rb.attention_mask[rows], target_ids=rb.completion_ids[rows],
+                                target_start=Tp - 1).logprobs
+                torch.testing.assert_close(lp, plain, rtol=1e-5, atol=1e-5)
+    finally:
+        trainer.tracker.close()
+        trainer.scorer.close()
