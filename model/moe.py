@@ -153,9 +153,10 @@ class MoEGate(nn.Module):
         return w * self.routed_scaling_factor
 
     def forward(
-        self, x: torch.Tensor, topk_idx: torch.Tensor | None = None
+        self, x: torch.Tensor, topk_idx: torch.Tensor | None = None, token_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (B, T, D); topk_idx (B, T, k) replays a previous routing instead of choosing.
+        """x (B, T, D); topk_idx (B, T, k) replays a previous routing instead of choosing; token_mask (B, T), 1 for
+        real tokens, keeps padding out of the balance loss.
 
         Returns topk_idx (B, T, k) long, topk_weights (B, T, k) float32, aux_loss scalar.
         """
@@ -174,25 +175,33 @@ class MoEGate(nn.Module):
         weights = self.weights(scores, idx)
         aux_loss = scores.new_zeros(())
         if self.training and self.aux_loss_alpha > 0:
-            aux_loss = self.balance_loss(scores.view(B, T, -1), idx.view(B, T, -1))
+            aux_loss = self.balance_loss(scores.view(B, T, -1), idx.view(B, T, -1), token_mask)
         return idx.view(B, T, self.top_k), weights.view(B, T, self.top_k), aux_loss
 
-    def balance_loss(self, scores: torch.Tensor, topk_idx: torch.Tensor) -> torch.Tensor:
-        """alpha * sum_i f_i * P_i, per sequence (seq_aux) or over the whole batch.
+    def balance_loss(
+        self, scores: torch.Tensor, topk_idx: torch.Tensor, token_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """alpha * sum_i f_i * P_i, per sequence (seq_aux, then averaged over sequences) or over the whole batch.
 
         f_i = E / (k * T) * (slots routed to expert i); P_i = mean over tokens of the affinity normalised over
         experts (a no-op for softmax; sigmoid scores are divided by their sum, as in the DeepSeek-V3 paper).
-        scores (B, T, E) float32, topk_idx (B, T, k).
+        scores (B, T, E) float32, topk_idx (B, T, k); token_mask (B, T): only real tokens count (T = their number),
+        so padding neither dilutes nor skews the balance; rows without any are left out.
         """
         B, T, E = scores.shape
+        k = topk_idx.shape[-1]
+        real = scores.new_ones(B, T) if token_mask is None else token_mask.to(scores.dtype)  # (B, T)
         probs = scores / scores.sum(dim=-1, keepdim=True) if self.scoring_func == "sigmoid" else scores
         if not self.seq_aux:
-            probs, topk_idx, B, T = probs.reshape(1, B * T, E), topk_idx.reshape(1, B * T, -1), 1, B * T
+            probs, topk_idx, real, B = probs.reshape(1, B * T, E), topk_idx.reshape(1, B * T, k), real.reshape(1, -1), 1
+        count = real.sum(dim=1)  # (B,) real tokens per row
         hits = torch.zeros(B, E, device=scores.device, dtype=scores.dtype)
-        hits.scatter_add_(1, topk_idx.reshape(B, -1), torch.ones_like(topk_idx.reshape(B, -1), dtype=scores.dtype))
-        f = hits * (E / (self.top_k * T))  # (B, E): 1.0 everywhere when perfectly balanced
-        P = probs.mean(dim=1)  # (B, E)
-        return (f * P).sum(dim=-1).mean() * self.aux_loss_alpha
+        hits.scatter_add_(1, topk_idx.reshape(B, -1), real.unsqueeze(-1).expand(-1, -1, k).reshape(B, -1))
+        f = hits * E / (k * count.clamp(min=1)).unsqueeze(-1)  # (B, E): 1.0 everywhere when perfectly balanced
+        P = (probs * real.unsqueeze(-1)).sum(dim=1) / count.clamp(min=1).unsqueeze(-1)  # (B, E)
+        has_tokens = (count > 0).to(scores.dtype)
+        per_row = (f * P).sum(dim=-1) * has_tokens  # (B,)
+        return per_row.sum() / has_tokens.sum().clamp(min=1) * self.aux_loss_alpha
 
 
 class Experts(nn.Module):
@@ -278,9 +287,12 @@ class MoE(nn.Module):
         n_shared = cfg.n_shared_experts or 0
         self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * n_shared) if n_shared else None
 
-    def forward(self, x: torch.Tensor, topk_idx: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEStats]:
+    def forward(
+        self, x: torch.Tensor, topk_idx: torch.Tensor | None = None, token_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, MoEStats]:
+        """x (B, T, D); topk_idx (B, T, k) to replay a routing; token_mask (B, T) real tokens, for the balance loss."""
         B, T, D = x.shape
-        topk_idx, topk_weights, aux_loss = self.gate(x, topk_idx)  # (B, T, k) each
+        topk_idx, topk_weights, aux_loss = self.gate(x, topk_idx, token_mask)  # (B, T, k) each
         routed, counts = self.dispatch(x.reshape(B * T, D), topk_idx.reshape(B * T, -1), topk_weights)
         y = routed.view(B, T, D)
         if self.shared_experts is not None:

@@ -46,12 +46,12 @@ class DecoderLayer(nn.Module):
     def is_moe(self) -> bool:
         return isinstance(self.mlp, MoE)
 
-    def forward(self, h, cos, sin, mask, cache=None, topk_idx=None, absorb=False):
-        """h (B, T, D) -> (h (B, T, D), MoEStats or None for a dense layer)."""
+    def forward(self, h, cos, sin, mask, cache=None, topk_idx=None, absorb=False, token_mask=None):
+        """h (B, T, D) -> (h (B, T, D), MoEStats or None for a dense layer). token_mask (B, T): real tokens."""
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, cache, self.layer_idx, absorb)
         x = self.post_attention_layernorm(h)
         if self.is_moe:
-            y, stats = self.mlp(x, topk_idx)
+            y, stats = self.mlp(x, topk_idx, token_mask)
             return h + y, stats
         return h + self.mlp(x), None
 
@@ -223,6 +223,7 @@ class DeepseekForCausalLM(nn.Module):
         cos, sin = self.rotary(positions)  # (B, T, Dr/2) each
         cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # (B, T, 1, Dr/2): broadcast over the heads in every layer
         checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
+        token_mask = attention_mask[:, past:] if attention_mask is not None else None  # (B, T) for the balance loss
         if share:
             h, stats = self._shared_layers(input_ids, (cos, sin), mask, routing, shared_prefix, group_size,
                                            checkpointed)
@@ -232,9 +233,10 @@ class DeepseekForCausalLM(nn.Module):
             for layer in self.model.layers:
                 topk_idx = routing[len(stats)] if routing is not None and layer.is_moe else None
                 if checkpointed:
-                    h, s = checkpoint(layer, h, cos, sin, mask, None, topk_idx, absorb, use_reentrant=False)
+                    h, s = checkpoint(layer, h, cos, sin, mask, None, topk_idx, absorb, token_mask,
+                                      use_reentrant=False)
                 else:
-                    h, s = layer(h, cos, sin, mask, cache, topk_idx, absorb)
+                    h, s = layer(h, cos, sin, mask, cache, topk_idx, absorb, token_mask)
                 if s is not None:
                     stats.append(s)
         if cache is not None:

@@ -177,6 +177,11 @@ class Trainer:
             policy.gradient_checkpointing_enable()
         policy.train()
         self.moe_layers = len(policy.moe_layers)
+        # The recipe's aux_loss_coef is the balance loss's one weight. It replaces the checkpoint's aux_loss_alpha
+        # (DeepSeek-V2/V3 ship 0.001), which would otherwise be computed in every training forward and then either
+        # ignored or multiplied by the coefficient a second time. The saved config.json keeps the checkpoint's value.
+        for moe in policy.moe_layers:
+            moe.gate.aux_loss_alpha = cfg.algorithm.moe.aux_loss_coef
         if cfg.algorithm.moe.router_bias_update_gamma > 0 and any(
                 moe.gate.e_score_correction_bias is None for moe in policy.moe_layers):
             raise ValueError("algorithm.moe.router_bias_update_gamma > 0 needs a router with a correction bias "
@@ -558,8 +563,8 @@ class Trainer:
                         share = 1 / (len(micro_starts) * self.world_size) if a.loss_type in LOCAL_MEAN_LOSSES else 1
                         loss = loss * share
                         loss_sum += float(m.pop("policy_loss")) * share
-                        if a.moe.aux_loss_coef > 0 and self.moe_layers:
-                            loss = loss + a.moe.aux_loss_coef * out.aux_loss * (mask.shape[0] / mini_global)
+                        if a.moe.aux_loss_coef > 0 and self.moe_layers:  # already weighted by the coefficient
+                            loss = loss + out.aux_loss * (mask.shape[0] / mini_global)
                         # Normalisers above are global; DDP/DeepSpeed average gradients over ranks, so undo that.
                         scaled = nan_point(loss, self.step + 1) * self.world_size
                         self._backward(scaled, last)

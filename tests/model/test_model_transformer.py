@@ -129,6 +129,25 @@ def test_aux_loss_only_when_enabled_and_training():
     assert out.aux_loss.item() > 0 and out.aux_loss.requires_grad
 
 
+@pytest.mark.parametrize("seq_aux", [True, False])
+def test_aux_loss_ignores_padding(seq_aux):
+    """Left padding neither dilutes nor skews the balance loss: what the pad tokens are does not matter, and (per
+    sequence) a padded row counts as that row alone."""
+    model = make_model(aux_loss_alpha=0.01, seq_aux=seq_aux).train()
+    a, b = ids(1, 9, seed=1), ids(1, 6, seed=2)
+    mask = torch.tensor([[1] * 9, [0] * 3 + [1] * 6])
+    batch = torch.cat([a, torch.cat([torch.zeros(1, 3, dtype=torch.long), b], dim=1)])
+    other_pads = batch.clone()
+    other_pads[1, :3] = torch.tensor([5, 17, 33])
+    aux = model(batch, mask).aux_loss
+    assert aux.item() > 0
+    torch.testing.assert_close(model(other_pads, mask).aux_loss, aux)
+    unmasked = model(batch).aux_loss  # the pads counted as tokens: a different value, so the check above can fail
+    assert not torch.allclose(unmasked, aux)
+    if seq_aux:
+        torch.testing.assert_close(aux, (model(a).aux_loss + model(b).aux_loss) / 2)
+
+
 def test_routing_replay_and_expert_counts():
     model = make_model().eval()
     x = ids(2, 8)

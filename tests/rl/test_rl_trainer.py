@@ -201,3 +201,28 @@ def test_log_probs_share_each_prompt_across_its_rows_with_the_same_numbers(tmp_p
     finally:
         trainer.tracker.close()
         trainer.scorer.close()
+
+
+@pytest.mark.parametrize("coef", [0.0, 0.02])
+def test_aux_loss_coef_replaces_the_checkpoints_alpha(tmp_path, coef):
+    """The recipe's aux_loss_coef is the balance loss's only weight: a checkpoint's aux_loss_alpha (DeepSeek ships
+    0.001) neither adds a loss the recipe turned off nor multiplies the coefficient; the saved config keeps it."""
+    from model.presets import write_random_model
+    from rl.trainer import Trainer
+
+    write_random_model("tiny", tmp_path / "model")
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    (tmp_path / "model" / "config.json").write_text(json.dumps({**config, "aux_loss_alpha": 0.05}))
+    recipe = _recipe(tmp_path, algorithm={"moe": {"aux_loss_coef": coef}},
+                     logging={"mode": "disabled", "console": False, "completions_every": 0},
+                     train={"max_steps": 1, "save_every": 0})
+    trainer = Trainer(load_config(recipe))
+    try:
+        policy = trainer.policy.train()
+        assert [m.gate.aux_loss_alpha for m in policy.moe_layers] == [coef] * len(policy.moe_layers)
+        aux = policy(torch.randint(4, 20, (2, 12))).aux_loss
+        assert (aux.item() > 0) == (coef > 0)
+        assert policy.config.aux_loss_alpha == 0.05  # what save_model writes to config.json
+    finally:
+        trainer.tracker.close()
+        trainer.scorer.close()
