@@ -76,7 +76,7 @@ class RolloutSection:
 @dataclass
 class MoESection:
     router_bias_update_gamma: float = 0.0  # aux-loss-free balancing step per update (DeepSeek-V3); 0 = off
-    aux_loss_coef: float = 0.0  # 0 = no auxiliary balance loss
+    aux_loss_coef: float = 0.0  # weight of the MoE balance loss (replaces the checkpoint's aux_loss_alpha); 0 = off
     routing_replay: bool = False  # reuse the rollout's experts when computing log-probs in the update
 
 
