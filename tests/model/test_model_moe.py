@@ -83,7 +83,8 @@ def test_dispatch_matches_reference_outputs_and_gradients(name):
             torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("sizes", [[0, 0, 0, 0, 0, 0, 1, 0], [3, 0, 1, 7, 0, 2, 2, 1], [16, 9, 0, 13, 12, 1, 0, 5], [40, 9, 0, 33, 12, 1, 0, 5]])
+@pytest.mark.parametrize("sizes", [[0, 0, 0, 0, 0, 0, 1, 0], [3, 0, 1, 7, 0, 2, 2, 1], [16, 9, 0, 13, 12, 1, 0, 5],
+                                   [40, 9, 0, 33, 12, 1, 0, 5]])
 def test_batched_experts_equal_the_loop(sizes):
     """Without gradients the experts may run as two padded batched matmuls: same rows as one call per expert."""
     experts = make_moe().experts
