@@ -12,7 +12,7 @@ The routed experts of a layer are stacked in two tensors (`Experts`): gate_up_pr
 (E, D, I), transformers 5's in-memory layout (checkpoints on disk keep one tensor per expert and projection;
 model/checkpoint.py converts). Dispatch sorts the (token, slot) pairs by expert id, then either
   - runs each expert once on its contiguous slice (a loop over experts, never over tokens), when gradients flow
-    or the loads are very uneven; or
+    or some expert has many tokens (training, prefill, log-prob passes); or
   - scatters the slices into one zero-padded (E, capacity, D) block and runs all experts in two batched matmuls,
     when no gradient is needed and every expert has only a few tokens (decoding): then the cost is reading the
     weights, so one batched call per projection beats E small ones (and splits across threads).
@@ -193,7 +193,8 @@ class MoEGate(nn.Module):
         real = scores.new_ones(B, T) if token_mask is None else token_mask.to(scores.dtype)  # (B, T)
         probs = scores / scores.sum(dim=-1, keepdim=True) if self.scoring_func == "sigmoid" else scores
         if not self.seq_aux:
-            probs, topk_idx, real, B = probs.reshape(1, B * T, E), topk_idx.reshape(1, B * T, k), real.reshape(1, -1), 1
+            probs, topk_idx, real = probs.reshape(1, B * T, E), topk_idx.reshape(1, B * T, k), real.reshape(1, -1)
+            B = 1
         count = real.sum(dim=1)  # (B,) real tokens per row
         hits = torch.zeros(B, E, device=scores.device, dtype=scores.dtype)
         hits.scatter_add_(1, topk_idx.reshape(B, -1), real.unsqueeze(-1).expand(-1, -1, k).reshape(B, -1))
