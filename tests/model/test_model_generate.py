@@ -3,6 +3,7 @@
 
 import pytest
 import torch
+from randomize import randomize_
 
 from model.generate import (
     GenerationOutput,
@@ -129,15 +130,7 @@ def make_model(seed: int = 0, **overrides):
     torch.manual_seed(seed)
     model = DeepseekForCausalLM(ModelConfig.from_dict({**preset("tiny"), **overrides})).eval()
     # Larger-than-init weights: peaked next-token distributions, so greedy choices are not near-ties.
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            if name.endswith("norm.weight"):
-                t.copy_(1 + 0.3 * torch.randn_like(t))
-            elif name.endswith("e_score_correction_bias"):
-                t.copy_(0.2 * torch.randn_like(t))
-            elif t.is_floating_point():
-                t.copy_(0.15 * torch.randn_like(t))
-    return model
+    return randomize_(model, 0.15, 0.3, bias_scale=0.2)
 
 
 PROMPTS = [[5, 17, 33, 9, 60], [70, 8], [12, 44, 91, 3, 27, 100, 6, 81], [64, 64, 2, 19]]

@@ -4,6 +4,7 @@
 
 import pytest
 import torch
+from randomize import randomize_
 
 from model.config import ModelConfig
 from model.generate import SamplingParams, generate
@@ -24,12 +25,7 @@ def exact_fp32():
 
 def random_model(seed: int = 0) -> DeepseekForCausalLM:
     torch.manual_seed(seed)
-    model = DeepseekForCausalLM(ModelConfig.from_dict(preset("tiny"))).eval()
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            if t.is_floating_point():
-                t.copy_(1 + 0.2 * torch.randn_like(t) if name.endswith("norm.weight") else 0.2 * torch.randn_like(t))
-    return model
+    return randomize_(DeepseekForCausalLM(ModelConfig.from_dict(preset("tiny"))).eval(), 0.2, 0.2)
 
 
 def batch(B: int = 4, T: int = 12, seed: int = 0):

@@ -6,6 +6,7 @@ its state dict is copied into ours, and the logits must agree in float32 to 1e-4
 
 import pytest
 import torch
+from randomize import randomize_
 
 from model.config import ModelConfig
 from model.transformer import DeepseekForCausalLM
@@ -108,16 +109,7 @@ def hf_model(cfg: ModelConfig, seed: int = 0):
         hf_cfg, cls = transformers.DeepseekV2Config.from_dict(d), transformers.DeepseekV2ForCausalLM
     hf_cfg._attn_implementation = "eager"
     torch.manual_seed(seed)
-    model = cls(hf_cfg).eval()
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            if name.endswith("norm.weight"):
-                t.copy_(1 + 0.3 * torch.randn_like(t))
-            elif name.endswith("e_score_correction_bias"):
-                t.copy_(0.2 * torch.randn_like(t))
-            elif t.is_floating_point():
-                t.copy_(0.15 * torch.randn_like(t))
-    return model
+    return randomize_(cls(hf_cfg).eval(), 0.15, 0.3, bias_scale=0.2)
 
 
 def ours_from_hf(cfg: ModelConfig, hf) -> DeepseekForCausalLM:

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from randomize import randomize_
 
 from model.cache import LatentCache
 from model.config import ModelConfig
@@ -49,12 +50,7 @@ VARIANTS = {
 def make_model(variant: str = "v3", seed: int = 0, **overrides) -> DeepseekForCausalLM:
     torch.manual_seed(seed)
     model = DeepseekForCausalLM(ModelConfig.from_dict({**BASE, **VARIANTS[variant], **overrides})).eval()
-    with torch.no_grad():  # large enough weights that attention is far from uniform
-        for name, t in model.state_dict().items():
-            t.copy_(
-                1 + 0.3 * torch.randn_like(t) if name.endswith("norm.weight") else 0.15 * torch.randn_like(t)
-            )
-    return model
+    return randomize_(model, 0.15, 0.3)  # large enough weights that attention is far from uniform
 
 
 def ids(B, T, seed=0, vocab=80):

@@ -4,6 +4,7 @@ and gradients."""
 
 import pytest
 import torch
+from randomize import randomize_
 
 from model.config import ModelConfig
 from model.transformer import DeepseekForCausalLM
@@ -35,10 +36,7 @@ P, G, TP, TC = 3, 4, 7, 9
 def make_model(**overrides) -> DeepseekForCausalLM:
     torch.manual_seed(0)
     model = DeepseekForCausalLM(ModelConfig.from_dict({**CFG, **overrides}))
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            t.copy_(1 + 0.2 * torch.randn_like(t) if name.endswith("norm.weight") else 0.3 * torch.randn_like(t))
-    return model
+    return randomize_(model, 0.3, 0.2)
 
 
 def grouped_batch(seed: int = 0):

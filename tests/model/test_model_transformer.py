@@ -3,6 +3,7 @@ router-bias balancing, parameter names and tying."""
 
 import pytest
 import torch
+from randomize import randomize_
 
 from model.checkpoint import hf_views
 from model.config import ModelConfig
@@ -34,12 +35,7 @@ BASE = dict(
 def make_model(seed=0, **overrides) -> DeepseekForCausalLM:
     torch.manual_seed(seed)
     model = DeepseekForCausalLM(ModelConfig.from_dict({**BASE, **overrides}))
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            t.copy_(
-                1 + 0.2 * torch.randn_like(t) if name.endswith("norm.weight") else 0.2 * torch.randn_like(t)
-            )
-    return model
+    return randomize_(model, 0.2, 0.2)
 
 
 def ids(B, T, seed=0):
