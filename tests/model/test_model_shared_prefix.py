@@ -5,31 +5,13 @@ and gradients."""
 import pytest
 import torch
 from randomize import randomize_
+from test_model_transformer import BASE
 
 from model.config import ModelConfig
 from model.transformer import DeepseekForCausalLM
 
-CFG = dict(
-    model_type="deepseek_v3",
-    vocab_size=50,
-    hidden_size=32,
-    intermediate_size=48,
-    moe_intermediate_size=16,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    q_lora_rank=16,
-    kv_lora_rank=16,
-    qk_nope_head_dim=8,
-    qk_rope_head_dim=4,
-    v_head_dim=6,
-    n_routed_experts=8,
-    n_shared_experts=1,
-    num_experts_per_tok=2,
-    n_group=4,
-    topk_group=2,
-    first_k_dense_replace=1,
-    max_position_embeddings=64,
-)
+# test_model_transformer's small V3 model, with values narrower than the query/key heads (v 6 < 8 + 4).
+CFG = {**BASE, "vocab_size": 50, "qk_rope_head_dim": 4, "v_head_dim": 6}
 P, G, TP, TC = 3, 4, 7, 9
 
 
