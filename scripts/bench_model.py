@@ -66,12 +66,8 @@ def hf_moe_block(cfg: dict, ours: MoE):
     hf = cls(hf_config(cfg))
     block = hf.model.layers[cfg["first_k_dense_replace"]].mlp
     with torch.no_grad():
-        block.gate.weight.copy_(ours.gate.weight)
-        if ours.gate.e_score_correction_bias is not None:
-            block.gate.e_score_correction_bias.copy_(ours.gate.e_score_correction_bias)
-        block.experts.gate_up_proj.copy_(ours.experts.gate_up_proj)  # the same stacked layout
-        block.experts.down_proj.copy_(ours.experts.down_proj)
-        block.shared_experts.load_state_dict(ours.shared_experts.state_dict())
+        # Same names and layouts (router, bias, stacked experts, shared experts): one strict load.
+        block.load_state_dict(ours.state_dict(), strict=True)
     return block, hf.config._experts_implementation
 
 

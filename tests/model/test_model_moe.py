@@ -256,12 +256,8 @@ def hf_moe_from_ours(moe: MoE, version: str, cfg):
         from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Config, DeepseekV2Moe
         block = DeepseekV2Moe(DeepseekV2Config(topk_method=cfg.topk_method, **common))
     with torch.no_grad():
-        block.gate.weight.copy_(moe.gate.weight)
-        if moe.gate.e_score_correction_bias is not None:
-            block.gate.e_score_correction_bias.copy_(moe.gate.e_score_correction_bias)
-        block.experts.gate_up_proj.copy_(moe.experts.gate_up_proj)  # the same stacked layout
-        block.experts.down_proj.copy_(moe.experts.down_proj)
-        block.shared_experts.load_state_dict(moe.shared_experts.state_dict())
+        # Same names and layouts (router, bias, stacked experts, shared experts): one strict load.
+        block.load_state_dict(moe.state_dict(), strict=True)
     return block
 
 
