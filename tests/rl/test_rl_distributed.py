@@ -25,10 +25,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_recipes import arithmetic_recipe, write_recipe
 
 from model import load_model
 from model.presets import write_random_model
-from rl.arithmetic import Difficulty, make_problems, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
 REWARDS = Path(__file__).with_name("rewards_for_tests.py")
@@ -82,11 +82,9 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("distributed")
     write_random_model("tiny", root / "model", seed=0)
-    data = write_jsonl(make_problems(64, seed=0, difficulty=Difficulty(num_ops=1, max_value=9)), root / "train.jsonl")
     recipe = {
+        **arithmetic_recipe(root, 64, "train.jsonl"),
         "model": {"name_or_path": str(root / "model"), "dtype": "float32"},
-        "data": {"source": str(data), "prompt_column": "question", "answer_column": "answer",
-                 "template": "{prompt}\n", "max_prompt_length": 128},
         # 4 prompts x 4 completions; each of 2 ranks owns 2 whole groups. One optimizer step per step (with
         # several, N processes split the step into mini-batches differently: see rl/trainer.py); micro-batches of
         # 2 completions exercise gradient accumulation.
@@ -97,8 +95,7 @@ def runs(tmp_path_factory):
         "train": {"max_steps": STEPS, "save_every": 2, "seed": 5},
         "logging": {"mode": "disabled", "completions_every": 0, "console": False},
     }
-    path = root / "recipe.json"  # JSON is YAML
-    path.write_text(json.dumps(recipe))
+    path = write_recipe(recipe, root / "recipe.json")
     found = {"root": root, "start": _weights(root / "model")}
     found["single"] = _train(path, root / "single", None)
     found["ddp"] = _train(path, root / "ddp", "ddp-cpu.yaml")

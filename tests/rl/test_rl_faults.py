@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_recipes import arithmetic_recipe, write_recipe
 
 import rl.trainer
 from rl import checkpoint as ckpt
 from rl import faults
-from rl.arithmetic import Difficulty, make_problems, write_jsonl
 from rl.config import load_config
 from rl.trainer import TrainingStopped, train
 
@@ -74,23 +74,18 @@ def test_kill_point_spec():
 # --- non-finite updates ------------------------------------------------------------------------------------------
 
 def _recipe(tmp_path: Path, **sections) -> Path:
-    data = write_jsonl(make_problems(32, seed=0, difficulty=Difficulty(num_ops=1, max_value=9)), tmp_path / "d.jsonl")
-    recipe = {
-        "model": {"name_or_path": str(tmp_path / "model"), "init_preset": "tiny", "dtype": "float32"},
-        "data": {"source": str(data), "prompt_column": "question", "answer_column": "answer",
-                 "template": "{prompt}\n", "max_prompt_length": 128},
-        "rollout": {"num_generations": 2, "prompts_per_step": 2, "max_new_tokens": 6},
-        "rewards": {"functions": [{"name": f"{REWARDS}:digit_fraction"}], "num_workers": 0},  # varies: real gradients
-        "algorithm": {"beta": 0.0},
-        "optim": {"lr": 1e-3, "max_consecutive_skips": 2},
-        "train": {"max_steps": 3, "output_dir": str(tmp_path / "out"), "save_every": 0, "seed": 1},
-        "logging": {"mode": "disabled", "console": False, "completions_every": 0},
-    }
+    recipe = arithmetic_recipe(
+        tmp_path, 32, "d.jsonl",
+        rollout={"num_generations": 2, "prompts_per_step": 2, "max_new_tokens": 6},
+        rewards={"functions": [{"name": f"{REWARDS}:digit_fraction"}], "num_workers": 0},  # varies: real gradients
+        algorithm={"beta": 0.0},
+        optim={"lr": 1e-3, "max_consecutive_skips": 2},
+        train={"max_steps": 3, "output_dir": str(tmp_path / "out"), "save_every": 0, "seed": 1},
+        logging={"mode": "disabled", "console": False, "completions_every": 0},
+    )
     for key, value in sections.items():
         recipe[key].update(value)
-    path = tmp_path / "recipe.json"
-    path.write_text(json.dumps(recipe))
-    return path
+    return write_recipe(recipe, tmp_path / "recipe.json")
 
 
 def _poison_loss(monkeypatch, poisoned_calls):

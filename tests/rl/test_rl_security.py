@@ -7,7 +7,6 @@ mistaken for `eval(...)` / sympy's `parse_expr(...)`.
 """
 
 import ast
-import json
 import os
 from pathlib import Path
 
@@ -120,26 +119,22 @@ def test_weights_load_only_from_safetensors(tmp_path):
 def test_secrets_never_reach_the_output_dir_or_the_console(tmp_path, monkeypatch, capfd):
     """A short run with W&B offline and every secret-bearing variable set to a sentinel: no file written anywhere
     under the output dir (config.yaml, metrics, completions, checkpoints, the W&B run) and nothing printed holds it."""
-    from rl.arithmetic import Difficulty, make_problems, write_jsonl
+    from tiny_recipes import arithmetic_recipe, write_recipe
+
     from rl.config import ConfigError, load_config
     from rl.trainer import train
 
     for var in ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "OPENAI_API_KEY"):
         monkeypatch.setenv(var, SENTINEL)
     monkeypatch.setenv("WANDB_MODE", "offline")
-    data = write_jsonl(make_problems(16, seed=0, difficulty=Difficulty(num_ops=1, max_value=9)), tmp_path / "d.jsonl")
-    recipe = {
-        "model": {"name_or_path": str(tmp_path / "model"), "init_preset": "tiny", "dtype": "float32"},
-        "data": {"source": str(data), "prompt_column": "question", "answer_column": "answer",
-                 "template": "{prompt}\n", "max_prompt_length": 128},
-        "rollout": {"num_generations": 2, "prompts_per_step": 2, "max_new_tokens": 4},
-        "rewards": {"functions": [{"name": "math_accuracy"}], "num_workers": 0},
-        "algorithm": {"beta": 0.0},
-        "train": {"max_steps": 1, "output_dir": str(tmp_path / "out")},
-        "logging": {"mode": "offline", "completions_every": 1},
-    }
-    path = tmp_path / "recipe.json"
-    path.write_text(json.dumps(recipe))
+    path = write_recipe(arithmetic_recipe(
+        tmp_path, 16, "d.jsonl",
+        rollout={"num_generations": 2, "prompts_per_step": 2, "max_new_tokens": 4},
+        rewards={"functions": [{"name": "math_accuracy"}], "num_workers": 0},
+        algorithm={"beta": 0.0},
+        train={"max_steps": 1, "output_dir": str(tmp_path / "out")},
+        logging={"mode": "offline", "completions_every": 1},
+    ), tmp_path / "recipe.json")
     with pytest.raises(ConfigError) as refused:  # a secret in the recipe is refused, and not echoed
         load_config(path, [f"logging.wandb_api_key={SENTINEL}"])
     assert SENTINEL not in str(refused.value)

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_recipes import arithmetic_recipe, write_recipe
 
 from model import load_model
-from rl.arithmetic import Difficulty, make_problems, write_jsonl
 from rl.config import load_config
 from rl.trainer import train
 
@@ -21,24 +21,18 @@ REWARDS = Path(__file__).with_name("rewards_for_tests.py")
 
 
 def _recipe(tmp_path: Path, **sections) -> Path:
-    data = write_jsonl(make_problems(64, seed=0, difficulty=Difficulty(num_ops=1, max_value=9)), tmp_path / "train.jsonl")
-    recipe = {
-        "model": {"name_or_path": str(tmp_path / "model"), "init_preset": "tiny", "dtype": "float32"},
-        "data": {"source": str(data), "prompt_column": "question", "answer_column": "answer",
-                 "template": "{prompt}\n", "max_prompt_length": 128},
-        "rollout": {"num_generations": 4, "prompts_per_step": 2, "max_new_tokens": 16},
-        "rewards": {"functions": [{"name": f"{REWARDS}:digit_fraction"}, {"name": "math_accuracy"}],
-                    "num_workers": 1},
-        "algorithm": {"loss_type": "dapo", "beta": 0.04},
-        "optim": {"lr": 1e-3},
-        "train": {"max_steps": 3, "output_dir": str(tmp_path / "out"), "save_every": 2, "seed": 3},
-        "logging": {"mode": "offline", "completions_every": 1},
-    }
+    recipe = arithmetic_recipe(
+        tmp_path, 64, "train.jsonl",
+        rollout={"num_generations": 4, "prompts_per_step": 2, "max_new_tokens": 16},
+        rewards={"functions": [{"name": f"{REWARDS}:digit_fraction"}, {"name": "math_accuracy"}], "num_workers": 1},
+        algorithm={"loss_type": "dapo", "beta": 0.04},
+        optim={"lr": 1e-3},
+        train={"max_steps": 3, "output_dir": str(tmp_path / "out"), "save_every": 2, "seed": 3},
+        logging={"mode": "offline", "completions_every": 1},
+    )
     for key, value in sections.items():
         recipe[key].update(value)
-    path = tmp_path / "recipe.json"  # JSON is YAML
-    path.write_text(json.dumps(recipe))
-    return path
+    return write_recipe(recipe, tmp_path / "recipe.json")
 
 
 @pytest.mark.slow
