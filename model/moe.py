@@ -235,13 +235,14 @@ class Experts(nn.Module):
             views += [self.gate_up_proj[e, :I], self.gate_up_proj[e, I:], self.down_proj[e]]
         return views
 
-    def forward(self, xs: torch.Tensor, expert_of_slot: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-        """xs (n, D) token copies sorted by expert; expert_of_slot (n,) their expert ids; sizes[e] = slots of
-        expert e. Returns (n, D): each row through its expert."""
+    def forward(self, xs: torch.Tensor, expert_of_slot: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """xs (n, D) token copies sorted by expert; expert_of_slot (n,) their expert ids; counts (E,) slots per
+        expert. Returns (n, D): each row through its expert."""
+        sizes = counts.tolist()  # the one host sync: slice sizes
         cap = max(sizes)
         needs_grad = torch.is_grad_enabled() and (xs.requires_grad or self.gate_up_proj.requires_grad)
         if not needs_grad and cap <= self.batched_capacity:
-            return self._batched(xs, expert_of_slot, sizes, cap)
+            return self._batched(xs, expert_of_slot, counts, cap)
         return self._looped(xs, sizes)
 
     def _looped(self, xs: torch.Tensor, sizes: list[int]) -> torch.Tensor:
@@ -255,9 +256,8 @@ class Experts(nn.Module):
         ]
         return torch.cat(outs)
 
-    def _batched(self, xs: torch.Tensor, expert_of_slot: torch.Tensor, sizes: list[int], cap: int) -> torch.Tensor:
+    def _batched(self, xs: torch.Tensor, expert_of_slot: torch.Tensor, counts: torch.Tensor, cap: int) -> torch.Tensor:
         E, n = self.num_experts, xs.shape[0]
-        counts = torch.tensor(sizes, device=xs.device)
         starts = counts.cumsum(0) - counts  # (E,) first slot of each expert
         row = torch.arange(n, device=xs.device) - starts[expert_of_slot]  # (n,) position within its expert
         block = xs.new_zeros(E, cap, xs.shape[1])
@@ -313,8 +313,8 @@ class MoE(nn.Module):
         token_of_slot = order // k  # (N*k,)
         xs = x.index_select(0, token_of_slot)  # (N*k, D) contiguous per expert; backward is an index_add
         ws = topk_weights.reshape(-1).index_select(0, order).to(x.dtype)  # (N*k,)
-        # One host sync for the slice sizes; experts with no tokens are never called.
-        ys = self.experts(xs, flat_idx.index_select(0, order), counts.tolist()) * ws.unsqueeze(-1)  # (N*k, D)
+        # Experts with no tokens are never called.
+        ys = self.experts(xs, flat_idx.index_select(0, order), counts) * ws.unsqueeze(-1)  # (N*k, D)
         return torch.zeros_like(x).index_add_(0, token_of_slot, ys), counts
 
 

@@ -79,7 +79,7 @@ def test_shared_prefix_and_batched_experts_on_cuda():
     xs = torch.randn(sum(sizes), model.config.hidden_size, device="cuda")
     expert_of_slot = torch.repeat_interleave(torch.arange(8, device="cuda"), torch.tensor(sizes, device="cuda"))
     with torch.no_grad():
-        torch.testing.assert_close(experts._batched(xs, expert_of_slot, sizes, max(sizes)),
+        torch.testing.assert_close(experts._batched(xs, expert_of_slot, torch.tensor(sizes, device="cuda"), max(sizes)),
                                    experts._looped(xs, sizes), rtol=1e-5, atol=1e-5)
 
 

@@ -91,9 +91,9 @@ def test_batched_experts_equal_the_loop(sizes):
     xs = torch.randn(sum(sizes), 32)  # rows sorted by expert, as dispatch passes them
     expert_of_slot = torch.repeat_interleave(torch.arange(8), torch.tensor(sizes))
     with torch.no_grad():
-        batched = experts._batched(xs, expert_of_slot, sizes, max(sizes))
+        batched = experts._batched(xs, expert_of_slot, torch.tensor(sizes), max(sizes))
         looped = experts._looped(xs, sizes)
-        chosen = experts(xs, expert_of_slot, sizes)
+        chosen = experts(xs, expert_of_slot, torch.tensor(sizes))
     torch.testing.assert_close(batched, looped, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(chosen, looped, rtol=1e-5, atol=1e-6)
 
