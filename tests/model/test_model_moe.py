@@ -86,16 +86,36 @@ def test_dispatch_matches_reference_outputs_and_gradients(name):
 @pytest.mark.parametrize("sizes", [[0, 0, 0, 0, 0, 0, 1, 0], [3, 0, 1, 7, 0, 2, 2, 1], [16, 9, 0, 13, 12, 1, 0, 5],
                                    [40, 9, 0, 33, 12, 1, 0, 5]])
 def test_batched_experts_equal_the_loop(sizes):
-    """Without gradients the experts may run as two padded batched matmuls: same rows as one call per expert."""
+    """Without gradients the experts may run as two padded batched matmuls or as a grouped matmul (CPU): same rows
+    as one call per expert, idle experts included."""
     experts = make_moe().experts
     xs = torch.randn(sum(sizes), 32)  # rows sorted by expert, as dispatch passes them
     expert_of_slot = torch.repeat_interleave(torch.arange(8), torch.tensor(sizes))
     with torch.no_grad():
         batched = experts._batched(xs, expert_of_slot, torch.tensor(sizes), max(sizes))
+        grouped = experts._grouped(xs, torch.tensor(sizes))
         looped = experts._looped(xs, sizes)
         chosen = experts(xs, expert_of_slot, torch.tensor(sizes))
     torch.testing.assert_close(batched, looped, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grouped, looped, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(chosen, looped, rtol=1e-5, atol=1e-6)
+
+
+def test_experts_pick_their_path_by_rows_and_gradients(monkeypatch):
+    """Without gradients: the grouped call up to grouped_capacity rows per expert, the loop above it; with gradients
+    always the loop (its backward is the fast one)."""
+    experts = make_moe().experts
+    taken = []
+    for name in ("_grouped", "_batched", "_looped"):
+        real = getattr(experts, name)
+        monkeypatch.setattr(experts, name, lambda *a, _real=real, _name=name: taken.append(_name) or _real(*a))
+    for rows_per_expert, grad in [(4, False), (experts.grouped_capacity, False), (experts.grouped_capacity + 1, False),
+                                  (4, True)]:
+        sizes = [rows_per_expert] + [1] * 7
+        xs = torch.randn(sum(sizes), 32)
+        with torch.set_grad_enabled(grad):
+            experts(xs, torch.repeat_interleave(torch.arange(8), torch.tensor(sizes)), torch.tensor(sizes))
+    assert taken == ["_grouped", "_grouped", "_looped", "_looped"]
 
 
 def test_expert_counts_and_skipped_experts():
