@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # What to run when a CUDA machine is available (one script, a few minutes): the GPU-marked tests, then the rollout
-# and model benchmarks on the device. Run from the repository root after `make setup` (or with any env that has
-# the dev and bench extras): bash scripts/gpu_check.sh [python]
+# benchmark and the decode-step anatomy on the device. Run from the repository root after `make setup` (or with any
+# env that has the dev and bench extras): bash scripts/gpu_check.sh [python]
 set -euo pipefail
 PY=${1:-.venv/bin/python}
 nvidia-smi --query-gpu=name,memory.total --format=csv
 $PY -m pytest -q -m gpu tests
 $PY scripts/bench_rollout.py --device cuda --runs 5 --runs2 2
 $PY scripts/bench_rollout.py --device cuda --dtype float32 --runs 3 --runs2 0
+$PY scripts/profile_decode.py --device cuda
