@@ -246,7 +246,7 @@ class Experts(nn.Module):
         cap = max(sizes)
         needs_grad = torch.is_grad_enabled() and (xs.requires_grad or self.gate_up_proj.requires_grad)
         if not needs_grad:
-            if xs.device.type == "cpu" and _grouped_mm is not None and cap <= self.grouped_capacity:
+            if xs.device.type == "cpu" and xs.dtype in _GROUPED_DTYPES and cap <= self.grouped_capacity:
                 return self._grouped(xs, counts)
             if cap <= self.batched_capacity:
                 return self._batched(xs, expert_of_slot, counts, cap)
@@ -282,9 +282,10 @@ class Experts(nn.Module):
         return out.transpose(1, 2)[expert_of_slot, row]  # (n, D)
 
 
-# Row slices of a 2-D matrix times the matching matrices of a 3-D stack; None on a torch without it (the padded
-# batched path then runs instead).
+# Row slices of a 2-D matrix times the matching matrices of a 3-D stack. On a torch without it, or for float64
+# (which it does not take), the padded batched path runs instead.
 _grouped_mm = getattr(F, "grouped_mm", None)
+_GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16) if _grouped_mm is not None else ()
 
 
 def _swiglu(gate_up: torch.Tensor) -> torch.Tensor:

@@ -103,7 +103,7 @@ def test_batched_experts_equal_the_loop(sizes):
 
 def test_experts_pick_their_path_by_rows_and_gradients(monkeypatch):
     """Without gradients: the grouped call up to grouped_capacity rows per expert, the loop above it; with gradients
-    always the loop (its backward is the fast one)."""
+    always the loop (its backward is the fast one); float64 takes the padded batched matmuls."""
     experts = make_moe().experts
     taken = []
     for name in ("_grouped", "_batched", "_looped"):
@@ -116,6 +116,13 @@ def test_experts_pick_their_path_by_rows_and_gradients(monkeypatch):
         with torch.set_grad_enabled(grad):
             experts(xs, torch.repeat_interleave(torch.arange(8), torch.tensor(sizes)), torch.tensor(sizes))
     assert taken == ["_grouped", "_grouped", "_looped", "_looped"]
+    # float64, which the grouped matmul does not take: the padded batched matmuls instead.
+    experts.double()
+    sizes = [4] + [1] * 7
+    with torch.no_grad():
+        experts(torch.randn(11, 32, dtype=torch.float64), torch.repeat_interleave(torch.arange(8), torch.tensor(sizes)),
+                torch.tensor(sizes))
+    assert taken[-1] == "_batched"
 
 
 def test_expert_counts_and_skipped_experts():
