@@ -212,7 +212,7 @@ def train_sft(cfg: SFTConfig) -> Path:
     """Runs SFT and writes the model + tokenizer to cfg.train.output_dir; returns that directory."""
     import model as tzmodel
     from rl.tracking import Tracker
-    from rl.trainer import lr_lambda, seed_everything
+    from rl.trainer import adamw, lr_lambda, seed_everything
 
     m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
     seed_everything(t.seed)
@@ -238,8 +238,7 @@ def train_sft(cfg: SFTConfig) -> Path:
     total_steps = t.max_steps or steps_per_epoch * t.epochs
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                                  weight_decay=o.weight_decay)
+    optimizer = adamw(policy.parameters(), o.lr, o.betas, o.eps, o.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(o.warmup_steps, total_steps, o.schedule, o.min_lr_ratio))
     lg = cfg.logging

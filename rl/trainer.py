@@ -118,6 +118,17 @@ def lr_lambda(warmup_steps: int, max_steps: int, schedule: str, min_ratio: float
     return factor
 
 
+def adamw(params, lr: float, betas, eps: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW, with the fused kernel where this torch has one for the parameters' device: one kernel over all
+    parameters instead of about ten ops per parameter (w1 on 2 CPU threads: 34 -> 6 ms an optimizer step)."""
+    params = list(params)
+    kwargs = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
+    try:
+        return torch.optim.AdamW(params, fused=True, **kwargs)
+    except RuntimeError:  # a torch without a fused AdamW for this device (e.g. CPU before 2.4)
+        return torch.optim.AdamW(params, **kwargs)
+
+
 def expert_load_cv(counts: torch.Tensor) -> float:
     """Coefficient of variation of tokens per expert (0 = perfectly balanced)."""
     counts = counts.double()
@@ -194,8 +205,7 @@ class Trainer:
                                                 device=ref_device).eval().requires_grad_(False)
 
         o = cfg.optim
-        self.optimizer = torch.optim.AdamW(policy.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                                           weight_decay=o.weight_decay)
+        self.optimizer = adamw(policy.parameters(), o.lr, o.betas, o.eps, o.weight_decay)
         # The schedule is stepped once per training step (not per optimizer step) and is not handed to accelerate,
         # so warmup_steps means the same thing whatever the mini-batching or the backend.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(

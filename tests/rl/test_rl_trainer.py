@@ -14,7 +14,7 @@ from tiny_recipes import arithmetic_recipe, write_recipe
 
 from model import load_model
 from rl.config import load_config
-from rl.trainer import train
+from rl.trainer import adamw, train
 
 ROOT = Path(__file__).resolve().parents[2]
 REWARDS = Path(__file__).with_name("rewards_for_tests.py")
@@ -220,3 +220,23 @@ def test_aux_loss_coef_replaces_the_checkpoints_alpha(tmp_path, coef):
     finally:
         trainer.tracker.close()
         trainer.scorer.close()
+
+
+def test_adamw_is_fused_and_takes_the_plain_update():
+    """The trainer's and SFT's optimizer: the fused AdamW kernel on CPU, with the update of torch's plain AdamW."""
+    params = [torch.randn(5, 3, requires_grad=True), torch.randn(7, requires_grad=True)]
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    start = [p.detach().clone() for p in params]
+    fused = adamw(params, 1e-2, [0.9, 0.99], 1e-8, 0.1)
+    plain = torch.optim.AdamW(twins, lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+    assert fused.defaults["fused"]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        for p, q in zip(params, twins):
+            p.grad = torch.randn(p.shape, generator=g)
+            q.grad = p.grad.clone()
+        fused.step()
+        plain.step()
+    for p, q, p0 in zip(params, twins, start):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+        assert not torch.equal(p, p0)
