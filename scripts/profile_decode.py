@@ -10,6 +10,7 @@ For the rollout workload's decode step (B rows, one new token each, on the absor
     the MoE layer (router, routed experts, shared expert), the dense MLP, norm + output layer, sampling.
 Parts timed alone keep their weights in cache, so they add up to less than the step.
 Usage: python scripts/profile_decode.py [--preset w1] [--batch 32] [--context 100] [--threads N] [--device cpu]
+       [--dtype float32|bfloat16]
 """
 
 import argparse
@@ -77,18 +78,20 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=100, help="tokens already in the cache")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default=None, help="float32 (default on CPU) or bfloat16 (default on CUDA)")
     ap.add_argument("--repeats", type=int, default=200)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     cfg = ModelConfig.from_dict(preset(args.preset))
     torch.manual_seed(0)
-    model = DeepseekForCausalLM(cfg).to(device).eval()
+    model = DeepseekForCausalLM(cfg).to(device=device, dtype=dtype).eval()
     B, S = args.batch, args.context
     time_us = partial(median_us, device=device, repeats=args.repeats)
 
     with torch.inference_mode():
-        cache = LatentCache.for_model(cfg, B, S + 1, device=device)
+        cache = LatentCache.for_model(cfg, B, S + 1, dtype, device)
         model(torch.randint(4, cfg.vocab_size, (B, S), device=device), cache=cache)
         tok = torch.randint(4, cfg.vocab_size, (B, 1), device=device)
 
@@ -113,7 +116,7 @@ def main() -> None:
         # The parts, each alone at the step's shapes (layer 0 is dense, the first MoE layer stands for all).
         dense = model.model.layers[0]
         moe_layer = next((layer for layer in model.model.layers if layer.is_moe), None)
-        h = torch.randn(B, 1, cfg.hidden_size, device=device)
+        h = torch.randn(B, 1, cfg.hidden_size, device=device, dtype=dtype)
         cos, sin = (t.unsqueeze(2) for t in model.rotary(torch.full((B, 1), S, device=device)))
         bias = absorbed_bias(torch.ones(B, 1, S + 1, dtype=torch.bool, device=device), cfg.num_attention_heads,
                              h.dtype)
