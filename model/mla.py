@@ -68,7 +68,7 @@ class MLA(nn.Module):
         C = self.kv_lora_rank
         q_nope, q_pe, kv, k_pe = self._project(x, cos, sin)
         if cache is not None:
-            latent = cache.update_latent(layer_idx, kv, k_pe).to(q_nope.dtype)  # (B, S, C + Dr), S = cached + T
+            latent = _as(cache.update_latent(layer_idx, kv, k_pe), q_nope.dtype)  # (B, S, C + Dr), S = cached + T
         else:
             latent = torch.cat((kv, k_pe), dim=-1) if absorb else None
         if absorb:

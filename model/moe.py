@@ -239,9 +239,9 @@ class Experts(nn.Module):
             views += [self.gate_up_proj[e, :I], self.gate_up_proj[e, I:], self.down_proj[e]]
         return views
 
-    def forward(self, xs: torch.Tensor, expert_of_slot: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """xs (n, D) token copies sorted by expert; expert_of_slot (n,) their expert ids; counts (E,) slots per
-        expert. Returns (n, D): each row through its expert."""
+    def forward(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """xs (n, D) token copies sorted by expert; counts (E,) slots per expert. Returns (n, D): each row through
+        its expert."""
         sizes = counts.tolist()  # the one host sync: slice sizes
         cap = max(sizes)
         needs_grad = torch.is_grad_enabled() and (xs.requires_grad or self.gate_up_proj.requires_grad)
@@ -249,7 +249,7 @@ class Experts(nn.Module):
             if xs.device.type == "cpu" and xs.dtype in _GROUPED_DTYPES and cap <= self.grouped_capacity:
                 return self._grouped(xs, counts)
             if cap <= self.batched_capacity:
-                return self._batched(xs, expert_of_slot, counts, cap)
+                return self._batched(xs, counts, cap)
         return self._looped(xs, sizes)
 
     def _looped(self, xs: torch.Tensor, sizes: list[int]) -> torch.Tensor:
@@ -269,8 +269,10 @@ class Experts(nn.Module):
         gate_up = _grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs=offs)  # (n, 2I)
         return _grouped_mm(_swiglu(gate_up), self.down_proj.transpose(1, 2), offs=offs)  # (n, D)
 
-    def _batched(self, xs: torch.Tensor, expert_of_slot: torch.Tensor, counts: torch.Tensor, cap: int) -> torch.Tensor:
+    def _batched(self, xs: torch.Tensor, counts: torch.Tensor, cap: int) -> torch.Tensor:
         E, n = self.num_experts, xs.shape[0]
+        # (n,) expert of each row; output_size keeps it free of a host sync on GPU.
+        expert_of_slot = torch.repeat_interleave(torch.arange(E, device=xs.device), counts, output_size=n)
         starts = counts.cumsum(0) - counts  # (E,) first slot of each expert
         row = torch.arange(n, device=xs.device) - starts[expert_of_slot]  # (n,) position within its expert
         block = xs.new_zeros(E, cap, xs.shape[1])
@@ -333,7 +335,7 @@ class MoE(nn.Module):
         xs = x.index_select(0, token_of_slot)  # (N*k, D) contiguous per expert; backward is an index_add
         ws = topk_weights.reshape(-1).index_select(0, order).to(x.dtype)  # (N*k,)
         # Experts with no tokens are never called.
-        ys = self.experts(xs, flat_idx.index_select(0, order), counts) * ws.unsqueeze(-1)  # (N*k, D)
+        ys = self.experts(xs, counts) * ws.unsqueeze(-1)  # (N*k, D)
         return torch.zeros_like(x).index_add_(0, token_of_slot, ys), counts
 
 

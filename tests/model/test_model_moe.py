@@ -90,12 +90,11 @@ def test_batched_experts_equal_the_loop(sizes):
     as one call per expert, idle experts included."""
     experts = make_moe().experts
     xs = torch.randn(sum(sizes), 32)  # rows sorted by expert, as dispatch passes them
-    expert_of_slot = torch.repeat_interleave(torch.arange(8), torch.tensor(sizes))
     with torch.no_grad():
-        batched = experts._batched(xs, expert_of_slot, torch.tensor(sizes), max(sizes))
+        batched = experts._batched(xs, torch.tensor(sizes), max(sizes))
         grouped = experts._grouped(xs, torch.tensor(sizes))
         looped = experts._looped(xs, sizes)
-        chosen = experts(xs, expert_of_slot, torch.tensor(sizes))
+        chosen = experts(xs, torch.tensor(sizes))
     torch.testing.assert_close(batched, looped, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grouped, looped, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(chosen, looped, rtol=1e-5, atol=1e-6)
@@ -114,14 +113,13 @@ def test_experts_pick_their_path_by_rows_and_gradients(monkeypatch):
         sizes = [rows_per_expert] + [1] * 7
         xs = torch.randn(sum(sizes), 32)
         with torch.set_grad_enabled(grad):
-            experts(xs, torch.repeat_interleave(torch.arange(8), torch.tensor(sizes)), torch.tensor(sizes))
+            experts(xs, torch.tensor(sizes))
     assert taken == ["_grouped", "_grouped", "_looped", "_looped"]
     # float64, which the grouped matmul does not take: the padded batched matmuls instead.
     experts.double()
     sizes = [4] + [1] * 7
     with torch.no_grad():
-        experts(torch.randn(11, 32, dtype=torch.float64), torch.repeat_interleave(torch.arange(8), torch.tensor(sizes)),
-                torch.tensor(sizes))
+        experts(torch.randn(11, 32, dtype=torch.float64), torch.tensor(sizes))
     assert taken[-1] == "_batched"
 
 
