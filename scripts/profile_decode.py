@@ -14,17 +14,16 @@ Usage: python scripts/profile_decode.py [--preset w1] [--batch 32] [--context 10
 """
 
 import argparse
-import statistics
 import sys
-import time
 from collections import Counter
-from functools import partial
 from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_model import median_time  # this script's folder is on sys.path
 
 from model.cache import LatentCache
 from model.config import ModelConfig
@@ -55,20 +54,10 @@ class Recorder(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def median_us(fn, device: torch.device, repeats: int) -> float:
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    for _ in range(max(3, repeats // 10)):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e6
+def timer_us(device: torch.device, repeats: int):
+    """fn -> median microseconds per call (bench_model's timing), the device synchronised after each call."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    return lambda fn: median_time(lambda: (fn(), sync()), repeats, warmup=max(3, repeats // 10)) * 1e6
 
 
 def main() -> None:
@@ -88,7 +77,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = DeepseekForCausalLM(cfg).to(device=device, dtype=dtype).eval()
     B, S = args.batch, args.context
-    time_us = partial(median_us, device=device, repeats=args.repeats)
+    time_us = timer_us(device, args.repeats)
 
     with torch.inference_mode():
         cache = LatentCache.for_model(cfg, B, S + 1, dtype, device)
