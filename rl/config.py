@@ -136,6 +136,9 @@ class TrainSection:
     save_every: int = 50  # 0 = only at the end
     keep_last: int = 2
     resume: str = "none"  # 'none' | 'auto' (newest complete checkpoint in output_dir) | a checkpoint path
+    # A fresh run (resume 'none') into an output_dir that holds another run is refused unless this is true; then the
+    # old run's checkpoints are deleted and its metrics.jsonl restarted once the new run has started.
+    overwrite_output_dir: bool = False
     eval_every: int = 0  # 0 = never
 
 

@@ -30,6 +30,7 @@ import contextlib
 import math
 import os
 import random
+import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 import model as tzmodel
@@ -45,7 +47,7 @@ import rewards as tzrewards
 from model.generate import SamplingParams
 from rl import checkpoint as ckpt
 from rl.advantages import group_advantages, group_reward_stats, group_rows, nonconstant_groups
-from rl.config import Config, check_world_size, config_to_dict, config_to_yaml
+from rl.config import Config, ConfigError, check_world_size, config_to_dict, config_to_yaml
 from rl.data import PromptSampler, load_rows, prepare_examples
 from rl.faults import kill_point, nan_point
 from rl.loss import masked_mean, policy_loss
@@ -59,6 +61,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 class TrainingStopped(RuntimeError):
     """Training stopped on purpose (e.g. too many non-finite updates in a row); the state was saved first."""
+
+
+class CheckpointWriteFailed(RuntimeError):
+    """A checkpoint could not be written (e.g. the disk is full); the previous one is intact."""
 
 
 def make_accelerator():
@@ -161,9 +167,11 @@ class Trainer:
         self.is_main = acc.is_main_process
         check_world_size(cfg, self.world_size)
         self.output_dir = Path(cfg.train.output_dir)
+        self.start_notes: list[str] = []  # start-up repairs and resume warnings, logged once the tracker exists
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "config.yaml").write_text(config_to_yaml(cfg))
+            self.start_notes += ckpt.recover(self.output_dir)
+        acc.wait_for_everyone()
         seed_everything(cfg.train.seed + self.rank)
 
         if cfg.model.init_preset and not (Path(cfg.model.name_or_path) / "config.json").is_file():
@@ -173,7 +181,9 @@ class Trainer:
                 write_random_model(cfg.model.init_preset, cfg.model.name_or_path, seed=cfg.train.seed)
             acc.wait_for_everyone()
         # Where to start from: a checkpoint (resume) or the configured model.
-        self.resume_from = self._find_resume()
+        self.resume_from, self.resume_state = self._find_resume()
+        if self.resume_from:
+            self._check_recipe(self.resume_from)
         model_path = str(self.resume_from) if self.resume_from else cfg.model.name_or_path
         dtype = DTYPES[cfg.model.dtype]
         if self.device.type == "cpu" and dtype != torch.float32:
@@ -229,6 +239,10 @@ class Trainer:
         # Elsewhere nothing is needed for experts no token picked: each layer's experts are stacked in one tensor
         # per projection, so every rank always has a gradient (zero where unpicked) for the same parameters.
         self.model, self.optimizer = acc.prepare(policy, self.optimizer)
+        if self.is_deepspeed:
+            # DeepSpeed's TorchCheckpointEngine unpickles with weights_only=False; every file it reads goes through
+            # our safe loader instead (saving is unchanged).
+            self.model.checkpoint_engine.load = _safe_deepspeed_load
         if self.zero3 and self.ref_model is not None and not cfg.model.ref_model_on_cpu:
             self.ref_model = self._partition_reference(self.ref_model)
 
@@ -267,7 +281,14 @@ class Trainer:
         self.reward_failures: dict[str, int] = {}
         run_id = None
         if self.resume_from:
-            run_id = self._load_state(self.resume_from)
+            run_id = self._load_state(self.resume_from, self.resume_state)
+        self.saved_step = self.step if self.resume_from else None  # the step whose checkpoint is on disk
+        # The run has started: only now replace another run's files and record what this run is.
+        if self.is_main:
+            if cfg.train.resume == "none" and cfg.train.overwrite_output_dir:
+                for old in ckpt.list_checkpoints(self.output_dir):
+                    ckpt.remove(old)
+            (self.output_dir / "config.yaml").write_text(config_to_yaml(cfg))
         self.tracker = Tracker(
             self.output_dir, is_main=self.is_main, config=config_to_dict(cfg), project=cfg.logging.project,
             entity=cfg.logging.entity, run_name=cfg.logging.run_name, tags=cfg.logging.tags,
@@ -275,6 +296,8 @@ class Trainer:
             total_steps=cfg.train.max_steps, start_step=self.step)
         if dropped:
             self.tracker.write(f"dropped {dropped} prompts longer than max_prompt_length={d.max_prompt_length}")
+        for note in self.start_notes:
+            self.tracker.write(note)
         if self.resume_from:
             self.tracker.write(f"resumed from {self.resume_from} at step {self.step}")
 
@@ -284,17 +307,45 @@ class Trainer:
         pad = self.tokenizer.pad_token_id
         return pad if pad is not None else (self.tokenizer.eos_token_id or 0)
 
-    def _find_resume(self) -> Path | None:
+    def _find_resume(self) -> tuple[Path | None, dict | None]:
+        """The checkpoint to start from and its trainer state. resume=auto takes the newest one whose state loads,
+        skipping (with a warning) any that are truncated or damaged; a file that could run code stops the run."""
         resume = self.cfg.train.resume
         if resume == "none":
-            return None
+            previous = ckpt.list_checkpoints(self.output_dir)
+            metrics = self.output_dir / "metrics.jsonl"
+            if (previous or (metrics.is_file() and metrics.stat().st_size)) and not self.cfg.train.overwrite_output_dir:
+                what = previous[-1].name if previous else "metrics.jsonl"
+                raise ConfigError(f"train.output_dir {str(self.output_dir)!r} already holds another run ({what}); "
+                                  "continue it with train.resume=auto, replace it with "
+                                  "train.overwrite_output_dir=true, or choose another train.output_dir")
+            return None, None
         if resume == "auto":
-            return ckpt.latest_checkpoint(self.output_dir)
+            for path in reversed(ckpt.list_checkpoints(self.output_dir)):
+                try:
+                    return path, ckpt.read_state(path)
+                except ckpt.CorruptCheckpointFile as e:
+                    self.start_notes.append(f"warning: skipped {path.name} for resume: {e}")
+            return None, None
         path = Path(resume)
         if not (path / ckpt.COMPLETE).is_file():
             raise FileNotFoundError(f"train.resume={resume!r} is not a complete checkpoint directory "
                                     f"(no {ckpt.COMPLETE} marker)")
-        return path
+        return path, ckpt.read_state(path)
+
+    def _check_recipe(self, path: Path) -> None:
+        """Compares the recipe with the one the checkpoint was written with; see rl.checkpoint.REFUSED for which
+        changes stop the resume and which are applied (with a warning)."""
+        saved = ckpt.read_config(path)
+        if saved is None:
+            return
+        refused, applied = ckpt.config_changes(saved, config_to_dict(self.cfg))
+        if refused:
+            raise ConfigError(f"cannot resume from {path} with a recipe that changes {'; '.join(refused)} (the "
+                              "checkpoint would not mean the same thing); restore those values, or start a new run "
+                              "in another train.output_dir")
+        if applied:
+            self.start_notes.append(f"warning: resuming with a changed recipe, applied: {'; '.join(applied)}")
 
     def _configure_deepspeed(self) -> None:
         """Fills DeepSpeed's batch settings from ours: we call backward once per micro-batch and step once per
@@ -344,7 +395,8 @@ class Trainer:
                     self.tracker.log(self.evaluate(), self.step)
                 if cfg.train.save_every and self.step % cfg.train.save_every == 0 and self.step < cfg.train.max_steps:
                     self.save()
-            self.save()
+            if self.saved_step != self.step:  # a resumed run that had nothing left to do keeps its checkpoint as is
+                self.save()
         finally:
             self.tracker.close()
             self.scorer.close()
@@ -729,7 +781,23 @@ class Trainer:
     # ---- checkpoints --------------------------------------------------------------------------------------------
 
     def save(self) -> Path | None:
-        """Writes checkpoint-<step>: HF model dir + trainer state; atomic (temp dir renamed into place)."""
+        """Writes checkpoint-<step>: HF model dir + trainer state; atomic (temp dir renamed into place). A write that
+        fails (a full disk) removes its temporary directory and raises CheckpointWriteFailed."""
+        try:
+            final = self._write_checkpoint()
+        except (OSError, RuntimeError, SafetensorError) as e:  # torch.save reports a failed write as RuntimeError
+            if self.is_main:
+                shutil.rmtree(ckpt.tmp_dir(self.output_dir, self.step), ignore_errors=True)
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[-1]
+            previous = ckpt.latest_checkpoint(self.output_dir)
+            kept = f"the previous checkpoint {previous} is intact" if previous else "there is no earlier checkpoint"
+            raise CheckpointWriteFailed(f"could not write the step-{self.step} checkpoint in {self.output_dir} "
+                                        f"({reason}); {kept}. Free space there and resume with "
+                                        "train.resume=auto") from None
+        self.saved_step = self.step
+        return final
+
+    def _write_checkpoint(self) -> Path | None:
         acc = self.accelerator
         if self.is_main:
             ckpt.begin(self.output_dir, self.step)
@@ -763,10 +831,19 @@ class Trainer:
         acc.wait_for_everyone()
         return final
 
-    def _load_state(self, path: Path) -> str | None:
+    def _apply_optim_config(self) -> None:
+        """The recipe's optimizer hyper-parameters over those restored with the optimizer state (a no-op when the
+        recipe is unchanged: the same schedule formula gives the same learning rate)."""
+        o, scheduler = self.cfg.optim, self.scheduler
+        scheduler.base_lrs = [o.lr for _ in scheduler.base_lrs]
+        factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
+        for group in scheduler.optimizer.param_groups:
+            group.update(lr=o.lr * factor, initial_lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                         weight_decay=o.weight_decay)
+
+    def _load_state(self, path: Path, state: dict) -> str | None:
         """Restores optimizer, scheduler, data position, counters and RNG from a checkpoint. The weights were
         already loaded from the same directory when the model was built."""
-        state = ckpt.read_state(path)
         if state["world_size"] != self.world_size:
             raise ValueError(f"{path} was written by {state['world_size']} processes; resuming with "
                              f"{self.world_size} is not supported (the data shards and RNG streams would differ)")
@@ -778,12 +855,24 @@ class Trainer:
                                        load_lr_scheduler_states=False)
         else:
             self.optimizer.load_state_dict(state["optimizer"])
+        self._apply_optim_config()
         self.consecutive_skips = int(state["consecutive_skips"])
         self.skipped_updates = int(state["skipped_updates"])
         self.reward_failures = dict(state["reward_failures"])
-        rng = torch.load(path / f"rng_rank{self.rank}.pt", map_location="cpu", weights_only=True)
+        rng = ckpt.load_file(path / f"rng_rank{self.rank}.pt")
         ckpt.set_rng_state(rng, None)
         return state["wandb_run_id"] or None
+
+
+def _safe_deepspeed_load(path: str, map_location=None):
+    """DeepSpeed's checkpoint files through rl.checkpoint.load_file, allowing the few DeepSpeed types its ZeRO-1/2/3
+    optimizer states hold (a loss scaler, the stage enum, fragment addresses: plain records, no code on load)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    safe = (LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address)
+    return ckpt.load_file(path, safe, "cpu" if map_location is None else map_location)
 
 
 # ---- batch assembly helpers (pure) ------------------------------------------------------------------------------

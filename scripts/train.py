@@ -6,8 +6,10 @@
 Overrides are applied on top of the recipe, e.g. `train.max_steps=3 train.output_dir=runs/smoke`.
 
 Exit status: 0 finished; 1 stopped on purpose (e.g. too many non-finite updates; the state was saved); 2 a recipe,
-data set, model or reward function the run cannot use, explained in one paragraph without a traceback (set
-THINKZERO_TRACEBACK=1 to see it anyway).
+data set, model, reward function or checkpoint the run cannot use (including a checkpoint file refused because loading
+it could run code), explained in one paragraph without a traceback (set THINKZERO_TRACEBACK=1 to see it anyway);
+3 a checkpoint could not be written (e.g. a full disk): the previous checkpoint is intact, resume with
+train.resume=auto once there is space.
 """
 
 import sys
@@ -17,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rl.cli import SETUP_ERRORS, USER_ERRORS, fail  # noqa: E402
 from rl.config import load_config  # noqa: E402
-from rl.trainer import Trainer, TrainingStopped  # noqa: E402
+from rl.trainer import CheckpointWriteFailed, Trainer, TrainingStopped  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
@@ -34,6 +36,9 @@ def main(argv: list[str]) -> int:
         return fail(e)
     try:
         trainer.train()
+    except CheckpointWriteFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     except TrainingStopped as e:
         print(f"stopped: {e}", file=sys.stderr)
         return 1

@@ -60,7 +60,8 @@ def test_pruned_and_replaced_checkpoints_lose_their_marker_first(tmp_path, monke
     tmp = ckpt.begin(tmp_path, 2)
     ckpt.write_state(tmp, {"step": 2}, {})
     ckpt.commit(tmp, tmp_path, 2, keep_last=1)  # the same step again (replaced), then step 1 pruned
-    assert ("checkpoint-000002", False) in seen and ("checkpoint-000001", False) in seen
+    # The replaced one was renamed aside before the new one went in, and deleted only then.
+    assert (".replaced-checkpoint-000002", False) in seen and ("checkpoint-000001", False) in seen
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-000002"]
 
 
