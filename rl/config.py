@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import glob
 import math
 import re
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -198,23 +200,92 @@ def load_config(
     which take the text verbatim (`data.template=Q: {prompt}`). `check_paths=False`
     skips the file-system checks (model / data paths must exist), for tools that build those files first.
     """
-    raw: Any = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"recipe file not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"recipe {path} is not valid YAML: {e}") from None
-        raw = {} if raw is None else raw
-        if not isinstance(raw, dict):
-            raise ConfigError(f"recipe {path} must be a mapping of sections, got {type(raw).__name__}")
+    raw = {} if path is None else read_recipe(path, RECIPE_PATH_KEYS)
     for item in overrides:
         _apply_override(raw, item)
     cfg = config_from_dict(raw)
     validate(cfg, check_paths=check_paths)
     return cfg
+
+
+# Keys whose relative paths name inputs, resolved against the recipe's directory (outputs such as train.output_dir
+# stay relative to the current directory). A trailing ".*" is a list of paths.
+RECIPE_PATH_KEYS = ("model.name_or_path", "model.tokenizer", "model.ref_model", "data.source", "data.eval_source",
+                    "rewards.modules.*", "train.resume")
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML silently keeps the last one)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise _DuplicateKey(f"key {key!r} appears twice (lines {seen[key]} and {line}); merge them into one")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_recipe(path: str | Path, path_keys: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A recipe file as a plain dict: valid YAML, a mapping, no duplicated key. Relative paths under `path_keys` are
+    resolved against the recipe's directory when they exist there, else left relative to the current directory;
+    which one was used is printed when the two differ."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe file not found: {path}")
+    try:
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except _DuplicateKey as e:
+        raise ConfigError(f"recipe {path}: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"recipe {path} is not valid YAML: {e}") from None
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise ConfigError(f"recipe {path} must be a mapping of sections, got {type(raw).__name__}")
+    for key in path_keys:
+        _resolve_recipe_path(raw, key.split("."), path.parent, key)
+    return raw
+
+
+def _resolve_recipe_path(node: Any, parts: list[str], recipe_dir: Path, key: str) -> None:
+    section, last = parts[0], parts[1]
+    if not isinstance(node, dict) or not isinstance(node.get(section), dict):
+        return
+    holder = node[section]
+    if len(parts) == 3:  # "section.list.*"
+        values = holder.get(last)
+        if isinstance(values, list):
+            holder[last] = [_resolved(v, recipe_dir, f"{key[:-2]}.{i}") for i, v in enumerate(values)]
+    elif last in holder:
+        holder[last] = _resolved(holder[last], recipe_dir, key)
+
+
+def _resolved(value: Any, recipe_dir: Path, key: str) -> Any:
+    if not isinstance(value, str) or not value or value in ("none", "auto") or Path(value).expanduser().is_absolute():
+        return value
+    if recipe_dir.resolve() == Path.cwd().resolve():
+        return value
+    candidate = recipe_dir / value
+    if _exists(candidate):
+        print(f"config: {key} {value!r} found next to the recipe: {candidate}", file=sys.stderr)
+        return str(candidate)
+    if _exists(Path(value)):
+        print(f"config: {key} {value!r} not found next to the recipe ({recipe_dir}); using it from the current "
+              f"directory", file=sys.stderr)
+    return value
+
+
+def _exists(path: Path) -> bool:
+    text = str(path)
+    if any(c in text for c in "*?["):
+        return bool(glob.glob(text))
+    return path.exists()
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:

@@ -22,7 +22,8 @@ from typing import Any, Literal
 import torch
 import yaml
 
-from rl.config import NAMED_TEMPLATES, ConfigError, LoggingSection, OptimSection, _build, strip_secrets
+from rl.config import (NAMED_TEMPLATES, ConfigError, LoggingSection, OptimSection, _build, read_recipe,
+                       strip_secrets)
 from rl.data import DataError, load_rows, render_prompt
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -72,14 +73,7 @@ class SFTConfig:
 
 def load_sft_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> SFTConfig:
     """Recipe YAML (None = defaults) + `key.sub=value` overrides -> validated SFTConfig."""
-    raw: Any = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"recipe file not found: {path}")
-        raw = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"recipe {path} must be a mapping of sections, got {type(raw).__name__}")
+    raw: Any = {} if path is None else read_recipe(path, ("model.name_or_path", "model.tokenizer", "data.source"))
     for item in overrides:
         _apply_override(raw, item)
     cfg = _build(SFTConfig, raw, "")

@@ -212,3 +212,41 @@ def _all_keys(d):
 def _re(text):
     import re
     return re.escape(text) if "(" in text or "[" in text or "{" in text else text
+
+
+def test_recipe_paths_resolve_next_to_the_recipe_then_the_current_dir(tmp_path, monkeypatch, capsys):
+    recipe_dir = tmp_path / "recipes"
+    (recipe_dir / "data").mkdir(parents=True)
+    (recipe_dir / "data" / "train.jsonl").write_text('{"prompt": "1+1", "answer": "2"}\n')
+    (tmp_path / "data.jsonl").write_text('{"prompt": "1+1", "answer": "2"}\n')
+    recipe = recipe_dir / "r.yaml"
+    recipe.write_text("model: {name_or_path: org/model}\n"
+                      "data: {source: data/train.jsonl, eval_source: data.jsonl}\n"  # next to recipe; in cwd
+                      "train: {output_dir: runs/x}\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # neither path exists here
+    with pytest.raises(ConfigError, match="data.eval_source: path 'data.jsonl' does not exist"):
+        load_config(recipe)
+    cfg = load_config(recipe, ["data.eval_source=null"])
+    assert cfg.data.source == str(recipe_dir / "data" / "train.jsonl")
+    assert cfg.train.output_dir == "runs/x"  # outputs stay relative to the current directory
+    assert "data.source 'data/train.jsonl' found next to the recipe" in capsys.readouterr().err
+
+    monkeypatch.chdir(tmp_path)  # the repo-root case: a path given relative to the current directory still works
+    cfg = load_config("recipes/r.yaml")
+    assert cfg.data.source == "recipes/data/train.jsonl" and cfg.data.eval_source == "data.jsonl"
+    assert "data.eval_source 'data.jsonl' not found next to the recipe (recipes); using it from the current " \
+           "directory" in capsys.readouterr().err
+
+
+def test_duplicated_recipe_key_is_an_error(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {name_or_path: org/model}\ndata: {source: openai/gsm8k}\n"
+                      "train:\n  max_steps: 3\noptim:\n  lr: 1.0e-5\ntrain:\n  seed: 1\n")
+    with pytest.raises(ConfigError, match=_re("key 'train' appears twice (lines 3 and 7)")):
+        load_config(recipe)
+    recipe.write_text("model: {name_or_path: org/model}\ndata: {source: openai/gsm8k}\n"
+                      "optim:\n  lr: 1.0e-5\n  warmup_steps: 2\n  lr: 1.0e-6\n")
+    with pytest.raises(ConfigError, match=_re("key 'lr' appears twice (lines 4 and 6)")):
+        load_config(recipe)
