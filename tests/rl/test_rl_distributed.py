@@ -180,3 +180,50 @@ def test_zero2_drops_and_counts_a_non_finite_update(runs):
     assert all(math.isfinite(r["grad_norm"]) for r in (records[0], records[2]))
     weights = _weights(out / "checkpoint-000003")
     assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+# --- no code runs from a multi-process checkpoint (issue 14.1) ---------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["zero2", "zero3"])
+def test_every_deepspeed_file_loads_through_the_safe_loader_and_a_planted_one_is_refused(runs, backend, tmp_path):
+    from test_rl_resume import plant
+
+    from rl.checkpoint import UnsafeCheckpointFile
+    from rl.trainer import _safe_deepspeed_load
+
+    files = sorted((runs[backend] / "checkpoint-000002" / "deepspeed").rglob("*.pt"))
+    assert len(files) >= 3, files  # model states and one optimizer state per rank
+    marker = tmp_path / "PWNED"
+    for file in files:
+        _safe_deepspeed_load(str(file))  # the allow-list covers what DeepSpeed writes
+        bad = tmp_path / file.name
+        plant(bad, marker)
+        with pytest.raises(UnsafeCheckpointFile, match=f"refused to load {bad}: .*posix.system is not allowed"):
+            _safe_deepspeed_load(str(bad))
+        assert not marker.exists()
+
+
+@pytest.mark.parametrize("backend, planted", [
+    ("ddp", "rng_rank1.pt"),  # read by rank 1 only
+    ("zero2", "deepspeed/global_step2/mp_rank_00_model_states.pt"),  # the reproduction of issue 14.1
+    ("zero3", "deepspeed/global_step2/zero_pp_rank_1_mp_rank_00_optim_states.pt"),
+])
+def test_resuming_a_multi_process_checkpoint_with_a_planted_pickle_runs_nothing(runs, backend, planted):
+    from test_rl_resume import plant
+
+    root = runs["root"]
+    out = root / f"{backend}-planted"
+    shutil.copytree(runs[backend] / "checkpoint-000002", out / "checkpoint-000002")
+    file = out / "checkpoint-000002" / planted
+    marker = root / f"PWNED-{backend}"
+    plant(file, marker)
+    config = "ddp-cpu.yaml" if backend == "ddp" else f"{backend}-cpu.yaml"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "recipes" / "accelerate" / config), "--main_process_port", str(_free_port()),
+           str(ROOT / "scripts" / "train.py"), str(root / "recipe.json"), f"train.output_dir={out}",
+           "train.resume=auto", "train.max_steps=3"]
+    proc = subprocess.run(cmd, cwd=root, env=_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S,
+                          check=False)
+    assert not marker.exists(), f"the pickle planted in {planted} ran"
+    assert proc.returncode != 0
+    assert f"error: refused to load {file}: it holds Python objects" in proc.stderr, proc.stderr[-6000:]
