@@ -137,7 +137,7 @@ class TrainSection:
     output_dir: str = "runs/thinkzero"
     save_every: int = 50  # 0 = only at the end
     keep_last: int = 2
-    resume: str = "none"  # 'none' | 'auto' (newest complete checkpoint in output_dir) | a checkpoint path
+    resume: str = "none"  # 'none' | 'auto' (newest checkpoint in output_dir that loads) | a checkpoint path
     # A fresh run (resume 'none') into an output_dir that holds another run is refused unless this is true; then the
     # old run's checkpoints are deleted and its metrics.jsonl restarted once the new run has started.
     overwrite_output_dir: bool = False
