@@ -87,12 +87,23 @@ class Tokenizer:
         if self.chat_template is None:
             raise ValueError("this tokenizer has no chat template (no 'chat_template' in tokenizer_config.json "
                              f"and no {TEMPLATE_FILE}); format prompts without one or add a template")
+        import jinja2
+
         if self._compiled_template is None:
-            self._compiled_template = _compile_template(self.chat_template)
+            try:
+                self._compiled_template = _compile_template(self.chat_template)
+            except jinja2.exceptions.TemplateSyntaxError as e:
+                raise ValueError(f"the tokenizer's chat template is not valid Jinja (line {e.lineno}: {e.message})") \
+                    from None
         variables = {role: token for role, token in self.special_tokens.items()}
         variables.update(tools=None, documents=None)  # transformers always defines these; templates test them
         variables.update(messages=messages, add_generation_prompt=add_generation_prompt, **kwargs)
-        return self._compiled_template.render(**variables)
+        try:
+            return self._compiled_template.render(**variables)
+        except jinja2.exceptions.SecurityError as e:
+            # The sandbox stopped it; a chat template only formats messages, so this one is malicious or broken.
+            raise ValueError(f"the tokenizer's chat template tried something the sandbox forbids ({e}); it was "
+                             "stopped and not run: use a trusted template") from None
 
     def save(self, path: str | os.PathLike) -> None:
         """Writes tokenizer.json and tokenizer_config.json (readable by load_tokenizer and by transformers)."""

@@ -111,7 +111,7 @@ def test_template_rendering_and_errors(tmp_path):
 
     with pytest.raises(jinja2.TemplateError, match="unknown role tool"):
         tok.apply_chat_template([{"role": "tool", "content": "x"}])
-    with pytest.raises(jinja2.exceptions.SecurityError):  # sandboxed: templates cannot mutate their inputs
+    with pytest.raises(ValueError, match="sandbox forbids"):  # sandboxed: templates cannot mutate their inputs
         tok.chat_template = "{{ messages.append(1) }}"
         tok._compiled_template = None
         tok.apply_chat_template(messages)

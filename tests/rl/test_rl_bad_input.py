@@ -156,3 +156,13 @@ def test_sft_and_evaluate_scripts_explain_bad_input_too(setup, capsys, tmp_path)
                                      "--prompt-column", "question", "--answer-column", "answer"])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and "no_model" in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("template", ["{{ messages.append('x') }}", "{{ ().__class__.__base__.__subclasses__() }}"])
+def test_malicious_chat_template(setup, capsys, tmp_path, template):
+    root = setup[0]
+    tokenizer = build_char_tokenizer(vocab_size=128, chat_template=template)
+    tokenizer.save(tmp_path / "evil_tokenizer")
+    code, err = _run(setup, capsys, f"model.tokenizer={tmp_path / 'evil_tokenizer'}", "data.template=chat")
+    assert code == 2 and "chat template tried something the sandbox forbids" in err, err
+    assert err.rstrip().splitlines()[-1].startswith("error: the tokenizer's chat template"), err  # one line
