@@ -615,3 +615,41 @@ def check_world_size(cfg: Config, world_size: int) -> None:
                         f"mini-batch of {mini // world_size} completions ({mini} over {world_size} processes)")
     if problems:
         raise ConfigError("invalid config for this launch:\n  - " + "\n  - ".join(problems))
+
+
+# Help text
+
+def config_help(cls: type = Config) -> str:
+    """Every recipe section and field with its type, default and comment, from the dataclasses above: for --help."""
+    return "\n".join(_help_lines(cls, cls(), ""))
+
+
+def _help_lines(cls: type, default: Any, indent: str) -> list[str]:
+    hints = typing.get_type_hints(cls)
+    comments = _field_comments(cls)
+    lines = []
+    for f in dataclasses.fields(cls):
+        value, tp = getattr(default, f.name), hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            lines.append(f"{indent}{f.name}:")
+            lines.extend(_help_lines(tp, value, indent + "  "))
+            continue
+        if dataclasses.is_dataclass(typing.get_args(tp)[0] if typing.get_args(tp) else None):
+            value = [dataclasses.asdict(v) for v in value]
+        shown = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("\n...").strip()
+        note = f"  # {comments[f.name]}" if f.name in comments else ""
+        lines.append(f"{indent}{f.name}: {shown}  ({_type_name(tp)}){note}")
+    return lines
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """The `# ...` comment at the end of each field's line in the class source (absent when the source is not
+    available, e.g. in a frozen build)."""
+    import inspect
+
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    found = re.findall(r"^\s+(\w+): [^\n]*?  # ([^\n]*)$", source, flags=re.MULTILINE)
+    return dict(found)

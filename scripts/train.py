@@ -18,13 +18,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rl.cli import SETUP_ERRORS, USER_ERRORS, fail  # noqa: E402
-from rl.config import load_config  # noqa: E402
+from rl.config import config_help, load_config  # noqa: E402
 from rl.trainer import CheckpointWriteFailed, Trainer, TrainingStopped  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
+        print("Recipe keys (YAML sections, or key.sub=value overrides), with their defaults:\n")
+        print(config_help())
         return 0 if argv else 2
     try:
         cfg = load_config(argv[0], argv[1:])

@@ -250,3 +250,22 @@ def test_duplicated_recipe_key_is_an_error(tmp_path):
                       "optim:\n  lr: 1.0e-5\n  warmup_steps: 2\n  lr: 1.0e-6\n")
     with pytest.raises(ConfigError, match=_re("key 'lr' appears twice (lines 4 and 6)")):
         load_config(recipe)
+
+
+def test_train_help_lists_every_config_key_with_its_default(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "train.py"
+    spec = importlib.util.spec_from_file_location("thinkzero_train_help", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "\ntrain:\n" in out and "\n  max_steps: 100  (int)\n" in out
+    assert "\n  moe:\n    router_bias_update_gamma: 0.0  (float)" in out  # a nested section
+    assert "    routing_replay: false  (bool)  # reuse the rollout's experts" in out  # the field's comment
+    assert "  loss_type: dapo  ('grpo' | 'bnpo' | 'dr_grpo' | 'dapo' | 'gspo')" in out
+    for section in dataclasses.fields(Config):
+        for f in dataclasses.fields(getattr(Config(), section.name)):
+            assert f"  {f.name}:" in out, f"{section.name}.{f.name} missing from --help"
