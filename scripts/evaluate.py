@@ -12,6 +12,7 @@ temperature and stop strings come from the recipe; flags given here override the
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -50,7 +51,8 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", help="JSON output path (default: <model>/eval.json)")
+    p.add_argument("--out", help="JSON output path (default: <model>/eval.json, or ./eval-<model name>.json when the "
+                                 "model directory is not writable)")
     p.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)
 
@@ -81,6 +83,36 @@ def resolve(args) -> dict:
     return s
 
 
+def output_path(out: str | None, model_dir: str) -> Path:
+    """Where the JSON goes: --out, else next to the model when that directory is writable, else the current
+    directory (said on stderr). Checked by writing, so a read-only mount or directory fails here, not after hours."""
+    if out:
+        path = Path(out)
+        if not _writable(path.parent):
+            raise ConfigError(f"--out {out}: cannot write into {path.parent}; give a writable path")
+        return path
+    beside = Path(model_dir) / "eval.json"
+    if _writable(beside.parent):
+        return beside
+    fallback = Path.cwd() / f"eval-{Path(model_dir).resolve().name}.json"
+    if not _writable(fallback.parent):
+        raise ConfigError(f"neither the model directory {model_dir} nor the current directory is writable; "
+                          "give --out PATH")
+    print(f"note: {model_dir} is not writable; results will go to {fallback}", file=sys.stderr)
+    return fallback
+
+
+def _writable(directory: Path) -> bool:
+    """True when a file can be created in `directory` (or in the nearest existing parent, which mkdir will extend)."""
+    while not directory.exists() and directory != directory.parent:
+        directory = directory.parent
+    try:
+        with tempfile.TemporaryFile(dir=directory):
+            return True
+    except OSError:
+        return False
+
+
 def format_table(summary: dict, title: str = "") -> str:
     rows = [(k, f"{v:.3f}" if not k.endswith("length") and k != "num_problems" else f"{v:.1f}")
             for k, v in summary.items()]
@@ -94,6 +126,7 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     try:
         s = resolve(args)
+        out = output_path(args.out, args.model)  # before evaluating: a run must not end unable to save its results
         tokenizer = tzmodel.load_tokenizer(args.model)
         policy = tzmodel.load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
         rows = load_rows(s["source"], s["config_name"], s["split"])
@@ -116,7 +149,6 @@ def main(argv: list[str]) -> int:
     if not args.quiet:
         print(file=sys.stderr)
     elapsed = time.perf_counter() - t0
-    out = Path(args.out) if args.out else Path(args.model) / "eval.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": str(args.model), "settings": {**s, "num_samples": args.num_samples,
                                                                        "seed": args.seed, "dropped": dropped},

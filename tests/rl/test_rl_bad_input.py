@@ -166,3 +166,51 @@ def test_malicious_chat_template(setup, capsys, tmp_path, template):
     code, err = _run(setup, capsys, f"model.tokenizer={tmp_path / 'evil_tokenizer'}", "data.template=chat")
     assert code == 2 and "chat template tried something the sandbox forbids" in err, err
     assert err.rstrip().splitlines()[-1].startswith("error: the tokenizer's chat template"), err  # one line
+
+
+def _run_unprivileged(args: list[str], cwd: Path) -> "subprocess.CompletedProcess":
+    """Runs a script as a user that cannot write where the test made things read-only: as `nobody` when the tests run
+    as root (root writes through chmod), else as ourselves."""
+    import os
+    import subprocess
+    import sys
+
+    prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
+    env = {**os.environ, "HOME": str(cwd), "HF_HOME": str(cwd / "hf"), "PYTHONDONTWRITEBYTECODE": "1"}
+    return subprocess.run([*prefix, sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_evaluate_with_a_read_only_model_dir_writes_elsewhere_and_says_where(setup):
+    import shutil
+    import tempfile
+
+    root = setup[0]
+    shared = Path(tempfile.mkdtemp(prefix="thinkzero-ro-"))  # outside pytest's private tmp dir, which nobody can read
+    try:
+        shared.chmod(0o777)
+        model = shared / "model"
+        shutil.copytree(root / "model", model)
+        shutil.copy(root / "train.jsonl", shared / "train.jsonl")
+        work = shared / "work"
+        work.mkdir()
+        work.chmod(0o777)
+        model.chmod(0o555)
+        flags = ["--data", str(shared / "train.jsonl"), "--prompt-column", "question", "--answer-column", "answer",
+                 "--num-samples", "0", "--max-examples", "2", "--max-new-tokens", "2", "--device", "cpu", "--quiet"]
+        script = str(ROOT / "scripts" / "evaluate.py")
+
+        done = _run_unprivileged([script, str(model), "--out", str(model / "sub" / "eval.json"), *flags], work)
+        assert done.returncode == 2, done.stderr  # refused before evaluating, not after
+        assert f"error: --out {model / 'sub' / 'eval.json'}: cannot write into {model / 'sub'}" in done.stderr
+
+        done = _run_unprivileged([script, str(model), *flags], work)
+        assert done.returncode == 0, done.stderr
+        fallback = work / "eval-model.json"
+        assert f"{model} is not writable; results will go to {fallback}" in done.stderr, done.stderr
+        assert f"wrote {fallback}" in done.stdout
+        assert json.loads(fallback.read_text())["summary"]["num_problems"] == 2
+        assert not (model / "eval.json").exists()
+    finally:
+        (shared / "model").chmod(0o755)
+        shutil.rmtree(shared)
