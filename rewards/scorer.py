@@ -26,6 +26,7 @@ import itertools
 import math
 import numbers
 import os
+import signal
 import time
 import traceback
 import warnings
@@ -113,6 +114,10 @@ def _call(fn, batched: bool, kwargs: dict, n: int):
 
 def _worker_main(conn, progress, refs):
     """Worker process: load the functions, then run tasks until told to stop (None)."""
+    # Ctrl-C and SIGTERM reach the whole process group; the trainer owns the shutdown (it finishes the step, saves,
+    # then closes us), so a worker neither dies mid-score nor prints a KeyboardInterrupt traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         fns = [registry.load_in_worker(module, qualname, file) for module, qualname, file in refs]
     except BaseException:  # noqa: BLE001 -- report any load failure to the parent, then exit

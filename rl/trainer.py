@@ -52,6 +52,7 @@ from rl.data import PromptSampler, load_rows, prepare_examples
 from rl.faults import kill_point, nan_point
 from rl.loss import masked_mean, policy_loss
 from rl.rollout import RolloutBatch, policy_for_sampling, rollout
+from rl.signals import StopRequest
 from rl.tracking import Tracker
 
 # Loss types normalised by each micro-batch's own token count (see rl.loss); the others take global normalisers.
@@ -65,6 +66,10 @@ class TrainingStopped(RuntimeError):
 
 class CheckpointWriteFailed(RuntimeError):
     """A checkpoint could not be written (e.g. the disk is full); the previous one is intact."""
+
+
+class SignalStop(RuntimeError):
+    """Training stopped on SIGTERM / SIGINT after saving a checkpoint of the last finished step."""
 
 
 def make_accelerator():
@@ -384,26 +389,49 @@ class Trainer:
     # ---- the loop -----------------------------------------------------------------------------------------------
 
     def train(self) -> None:
+        """Trains to train.max_steps. On SIGTERM / SIGINT (rl.signals) it stops at the next step boundary — after
+        the optimizer step in progress, or abandoning the rollout in progress — saves, and raises SignalStop."""
         cfg = self.cfg
         try:
-            while self.step < cfg.train.max_steps:
-                metrics = self.train_step()
-                self.step += 1
-                if self.step % cfg.logging.log_every == 0 or self.step == cfg.train.max_steps:
-                    self.tracker.log(metrics, self.step)
-                if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.eval_examples:
-                    self.tracker.log(self.evaluate(), self.step)
-                if cfg.train.save_every and self.step % cfg.train.save_every == 0 and self.step < cfg.train.max_steps:
+            with StopRequest() as stop:
+                while self.step < cfg.train.max_steps and not self._stop_agreed(stop):
+                    metrics = self.train_step(stop)
+                    if metrics is None:  # stopped between rollout and update: the step was abandoned
+                        break
+                    self.step += 1
+                    if self.step % cfg.logging.log_every == 0 or self.step == cfg.train.max_steps:
+                        self.tracker.log(metrics, self.step)
+                    if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.eval_examples:
+                        self.tracker.log(self.evaluate(), self.step)
+                    if cfg.train.save_every and self.step % cfg.train.save_every == 0 and \
+                            self.step < cfg.train.max_steps:
+                        self.save()
+                if self.saved_step != self.step:  # a resumed run with nothing left to do keeps its checkpoint as is
                     self.save()
-            if self.saved_step != self.step:  # a resumed run that had nothing left to do keeps its checkpoint as is
-                self.save()
+                if stop.signal_name and self.step < cfg.train.max_steps:
+                    where = ckpt.checkpoint_dir(self.output_dir, self.step)
+                    raise SignalStop(f"{stop.signal_name}: saved {where} at step {self.step}; continue with "
+                                     "train.resume=auto")
         finally:
             self.tracker.close()
             self.scorer.close()
 
-    def train_step(self) -> dict[str, float]:
+    def _stop_agreed(self, stop: StopRequest | None) -> bool:
+        """Whether any rank got a stop signal (one tiny collective, so every rank stops at the same step)."""
+        return self._max(stop is not None and stop.signal_name is not None) > 0
+
+    def train_step(self, stop: StopRequest | None = None) -> dict[str, float] | None:
+        """One training step; None when a stop signal came during the rollout: the step is abandoned and the data
+        position, RNGs and counters are put back as they were, so the checkpoint saved next is that of the last
+        finished step and a resume samples this step again exactly."""
         t_start = time.perf_counter()
+        before = (self.sampler.state_dict(), ckpt.rng_state(None), dict(self.reward_failures))
         batch, timing, sample_metrics = self.collect()
+        if self._stop_agreed(stop):
+            self.sampler.load_state_dict(before[0])
+            ckpt.set_rng_state(before[1], None)
+            self.reward_failures = before[2]
+            return None
         t_update = time.perf_counter()
         update_metrics = self.update(batch)
         with warnings.catch_warnings():

@@ -9,7 +9,9 @@ Exit status: 0 finished; 1 stopped on purpose (e.g. too many non-finite updates;
 data set, model, reward function or checkpoint the run cannot use (including a checkpoint file refused because loading
 it could run code), explained in one paragraph without a traceback (set THINKZERO_TRACEBACK=1 to see it anyway);
 3 a checkpoint could not be written (e.g. a full disk): the previous checkpoint is intact, resume with
-train.resume=auto once there is space.
+train.resume=auto once there is space; 4 stopped by SIGTERM or SIGINT (Ctrl-C) after finishing the step in progress
+(or abandoning its rollout) and saving a checkpoint of the last finished step: continue with train.resume=auto. A
+second signal, sent more than 2 s after the first, exits at once, by the signal itself (shell status 128 + its number).
 """
 
 import sys
@@ -19,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rl.cli import SETUP_ERRORS, USER_ERRORS, fail  # noqa: E402
 from rl.config import config_help, load_config  # noqa: E402
-from rl.trainer import CheckpointWriteFailed, Trainer, TrainingStopped  # noqa: E402
+from rl.trainer import CheckpointWriteFailed, SignalStop, Trainer, TrainingStopped  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
@@ -41,6 +43,9 @@ def main(argv: list[str]) -> int:
     except CheckpointWriteFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except SignalStop as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return 4
     except TrainingStopped as e:
         print(f"stopped: {e}", file=sys.stderr)
         return 1
