@@ -1,13 +1,18 @@
-"""Kill-and-resume chaos test: SIGKILL a tiny CPU training run at random points, resume it, and check that it ends
-exactly where an uninterrupted run ends.
+"""Kill-and-resume chaos test: SIGKILL, SIGTERM or SIGINT a tiny CPU training run at random points, resume it, and
+check that it ends exactly where an uninterrupted run ends.
 
-    python scripts/chaos.py [--runs 10] [--phase-kills 4] [--steps 4] [--save-every 2] [--workdir DIR] [--seed 0]
+    python scripts/chaos.py [--runs 10] [--phase-kills 6] [--steps 4] [--save-every 2] [--processes 1|2]
+                            [--workdir DIR] [--seed 0]
 
-One uninterrupted reference run first. Then, per run: start `scripts/train.py` in a fresh output dir, SIGKILL it
-(only the trainer process, as the OOM killer would) either after a random wall-clock delay or — for the first
-`--phase-kills` runs — at a named phase via THINKZERO_CHAOS_KILL_AT (checkpoint half-written, before the optimizer
-step, after scoring, after sampling), check that every complete checkpoint left behind still loads, then rerun
-with `train.resume=auto` to the end. A run counts as an exact resume when its final weights are bitwise equal to the
+One uninterrupted reference run first. Then, per run: start `scripts/train.py` in a fresh output dir and stop it
+either after a random wall-clock delay — cycling through SIGKILL (the trainer only, as the OOM killer would), SIGTERM
+(the trainer, as a scheduler's preemption notice) and SIGINT (the whole process group, as Ctrl-C) — or, for the first
+`--phase-kills` runs, at a named phase via THINKZERO_CHAOS_KILL_AT (SIGKILL with the checkpoint half-written, before
+the optimizer step, after scoring, after sampling; SIGTERM during the update; SIGINT during the rollout). A SIGTERM or
+SIGINT must end the run with exit 4 and a checkpoint of the last finished step. Then check that every complete
+checkpoint left behind still loads, and rerun with `train.resume=auto` to the end. `--processes 2` runs everything
+under `accelerate launch` with DeepSpeed ZeRO-2 on two CPU processes (signals from outside go to the launcher's
+process group, SIGKILL to all of it). A run counts as an exact resume when its final weights are bitwise equal to the
 reference's, metrics.jsonl / completions.jsonl hold each step once with the reference's values, and no half-written
 checkpoint is left. The last line printed is `exact_resumes=K/N`.
 
@@ -22,6 +27,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -38,7 +44,10 @@ from rl import checkpoint as ckpt
 from rl.faults import ENV as KILL_ENV
 
 # Phase-targeted kills, used in this order (then repeated): the checkpoint window first, where atomicity matters.
-PHASE_KILLS = ("checkpoint:{save}", "update:{mid}", "scoring:{last}", "rollout:{save_plus}")
+PHASE_KILLS = ("checkpoint:{save}", "update:{mid}", "scoring:{last}", "rollout:{save_plus}", "update:{mid}:TERM",
+               "rollout:{save_plus}:INT")
+RANDOM_SIGNALS = (signal.SIGKILL, signal.SIGTERM, signal.SIGINT)  # cycled through by the wall-clock kills
+SIGNAL_STOP = 4  # scripts/train.py's exit status after a signal and a saved checkpoint
 # Metrics that measure time, not training; they differ between any two runs.
 UNTIMED = ("timing/", "throughput/")
 
@@ -78,20 +87,41 @@ def snapshot_code(workdir: Path) -> Path:
     """A copy of the packages and scripts the runs execute. Every run of one chaos session then uses the same code,
     even while the working tree changes under it (a reference run and a resumed run of different code cannot match)."""
     code = workdir / "code"
-    for name in ("model", "rewards", "rl", "scripts"):
+    for name in ("model", "rewards", "rl", "scripts", "recipes/accelerate"):
         shutil.copytree(ROOT / name, code / name, ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
     return code
 
 
-def launch(recipe: Path, out: Path, kill_at: str | None, log) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k != KILL_ENV}
+def launch(recipe: Path, out: Path, kill_at: str | None, log, processes: int = 1) -> subprocess.Popen:
+    code = recipe.parent / "code"
+    env = {k: v for k, v in os.environ.items() if k not in (KILL_ENV, "WORLD_SIZE")}
     env["WANDB_MODE"] = "disabled"
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))  # DeepSpeed's JIT-built ops, cached
     if kill_at:
         env[KILL_ENV] = kill_at
+    cmd = [sys.executable, str(code / "scripts" / "train.py"), str(recipe), f"train.output_dir={out}"]
+    if processes > 1:
+        cmd[1:1] = ["-m", "accelerate.commands.launch", "--config_file",
+                    str(code / "recipes" / "accelerate" / "zero2-cpu.yaml"), "--num_processes", str(processes),
+                    "--main_process_port", str(free_port())]
     # A session of its own, so whatever the trainer leaves behind (reward workers) can be found and cleaned up.
-    return subprocess.Popen([sys.executable, str(recipe.parent / "code" / "scripts" / "train.py"), str(recipe),
-                             f"train.output_dir={out}"], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    # The working directory is the code snapshot, where the accelerate config's relative DeepSpeed json is.
+    return subprocess.Popen(cmd, env=env, cwd=code, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def send(proc: subprocess.Popen, sig: int, processes: int) -> None:
+    """SIGINT goes to the whole process group (a Ctrl-C); SIGTERM and SIGKILL to the trainer, or under a launcher to
+    all of its group (a scheduler signals every process of the job)."""
+    if sig == signal.SIGINT or processes > 1:
+        os.killpg(proc.pid, sig)
+    else:
+        os.kill(proc.pid, sig)
 
 
 def leftovers(proc: subprocess.Popen, wait_s: float = 10.0) -> int:
@@ -158,22 +188,37 @@ def compare(out: Path, ref: Path, steps: int) -> list[str]:
     return problems
 
 
+def check_graceful(log: Path, out: Path, rc: int, processes: int) -> list[str]:
+    """After a SIGTERM / SIGINT that the trainer caught: exit 4 (in one process; a launcher reports its own status)
+    and a checkpoint of the last finished step, the one the stop line names. Empty when the run was not stopped so."""
+    stops = [line for line in log.read_text().splitlines() if line.startswith("stopped: SIG")]
+    if not stops:
+        return []
+    problems = [] if processes > 1 or rc == SIGNAL_STOP else [f"exit {rc} after {stops[-1]!r}, not {SIGNAL_STOP}"]
+    finished = len(read_jsonl(out / "metrics.jsonl"))
+    latest = ckpt.latest_checkpoint(out)
+    if latest != ckpt.checkpoint_dir(out, finished):
+        problems.append(f"stopped after step {finished} but the newest checkpoint is {latest}")
+    return problems
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=10, help="kill-and-resume runs")
-    parser.add_argument("--phase-kills", type=int, default=4,
+    parser.add_argument("--phase-kills", type=int, default=len(PHASE_KILLS),
                         help="how many of the runs kill at a named phase (the rest at random wall-clock times)")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--save-every", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=12)
     parser.add_argument("--reward-workers", type=int, default=1, help="0 = score in the trainer process")
     parser.add_argument("--seed", type=int, default=0, help="seeds the training runs and the kill times")
+    parser.add_argument("--processes", type=int, default=1, help="2 = accelerate launch, DeepSpeed ZeRO-2 on CPU")
     parser.add_argument("--workdir", type=Path, default=None, help="kept afterwards; default: a temp dir, removed")
     args = parser.parse_args(argv)
     if args.steps < 2 or not 1 <= args.save_every < args.steps:
         parser.error("need --steps >= 2 and 1 <= --save-every < --steps (something to resume from)")
 
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="thinkzero-chaos-"))
+    workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="thinkzero-chaos-"))).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(args.seed)
     try:
@@ -183,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         ref = workdir / "reference"
         t0 = time.monotonic()
         with open(workdir / "reference.log", "w") as log:
-            rc = launch(recipe, ref, None, log).wait()
+            rc = launch(recipe, ref, None, log, args.processes).wait()
         ref_s = time.monotonic() - t0
         if rc != 0:
             print((workdir / "reference.log").read_text()[-3000:])
@@ -201,19 +246,22 @@ def main(argv: list[str] | None = None) -> int:
             out = workdir / f"run{i:02d}"
             kill_at = PHASE_KILLS[i % len(PHASE_KILLS)].format(**fills) if i < args.phase_kills else None
             delay = None if kill_at else rng.uniform(0.15, 0.95) * ref_s
+            sig = RANDOM_SIGNALS[(i - args.phase_kills) % len(RANDOM_SIGNALS)] if delay is not None else None
             with open(workdir / f"run{i:02d}.log", "w") as log:
-                proc = launch(recipe, out, kill_at, log)
+                proc = launch(recipe, out, kill_at, log, args.processes)
                 try:
                     rc = proc.wait(timeout=delay if delay is not None else 3 * ref_s + 60)
                 except subprocess.TimeoutExpired:
-                    os.kill(proc.pid, signal.SIGKILL)  # the trainer only, as the OOM killer would
-                    rc = proc.wait()
+                    send(proc, sig or signal.SIGKILL, args.processes)
+                    rc = proc.wait(timeout=3 * ref_s + 60)
                 orphans = leftovers(proc)
                 killed = rc == -signal.SIGKILL
                 on_disk = [p.name for p in ckpt.list_checkpoints(out)]
                 half = sorted(p.name for p in out.glob(".tmp-*")) if out.exists() else []
                 problems = check_checkpoints(out)
-                proc = launch(recipe, out, None, log)
+                log.flush()
+                problems += check_graceful(workdir / f"run{i:02d}.log", out, rc, args.processes)
+                proc = launch(recipe, out, None, log, args.processes)
                 rc2 = proc.wait(timeout=3 * ref_s + 60)
                 leftovers(proc)
             text = (workdir / f"run{i:02d}.log").read_text()
@@ -224,8 +272,8 @@ def main(argv: list[str] | None = None) -> int:
                 problems += compare(out, ref, args.steps)
             ok = not problems
             exact += ok
-            how = f"phase {kill_at}" if kill_at else f"after {delay:.1f}s"
-            print(f"run {i}: kill {how}: {'killed' if killed else f'not killed (exit {rc})'}; complete "
+            how = f"phase {kill_at}" if kill_at else f"{signal.Signals(sig).name} after {delay:.1f}s"
+            print(f"run {i}: kill {how}: {'killed' if killed else f'exit {rc}'}; complete "
                   f"checkpoints {on_disk or 'none'}{'; half-written ' + ','.join(half) if half else ''}; "
                   f"{resumed[-1].split(' at ')[-1] if resumed else 'started over'}; orphans {orphans}; "
                   f"{'EXACT' if ok else 'NOT EXACT: ' + '; '.join(problems)}", flush=True)
