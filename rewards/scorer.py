@@ -21,12 +21,14 @@ its worker, is a *failure*: that sample scores `None` in `per_function`, `fallba
 but timeouts cannot be enforced there and a hung function hangs the caller.
 """
 
+import contextlib
 import difflib
 import itertools
 import math
 import numbers
 import os
 import signal
+import threading
 import time
 import traceback
 import warnings
@@ -112,12 +114,24 @@ def _call(fn, batched: bool, kwargs: dict, n: int):
     return [_check_value(v) for v in out]
 
 
+@contextlib.contextmanager
+def _signals_ignored():
+    """SIGINT and SIGTERM ignored in this process meanwhile (where it can set handlers: the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def _worker_main(conn, progress, refs):
-    """Worker process: load the functions, then run tasks until told to stop (None)."""
-    # Ctrl-C and SIGTERM reach the whole process group; the trainer owns the shutdown (it finishes the step, saves,
-    # then closes us), so a worker neither dies mid-score nor prints a KeyboardInterrupt traceback.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """Worker process: load the functions, then run tasks until told to stop (None). It starts with SIGINT and
+    SIGTERM ignored (_Worker): Ctrl-C and SIGTERM reach the whole process group, and the trainer owns the shutdown (it
+    finishes the step, saves, then closes us), so a worker neither dies mid-score nor prints a KeyboardInterrupt."""
     try:
         fns = [registry.load_in_worker(module, qualname, file) for module, qualname, file in refs]
     except BaseException:  # noqa: BLE001 -- report any load failure to the parent, then exit
@@ -150,7 +164,8 @@ class _Worker:
         self.conn, child = ctx.Pipe(duplex=True)
         self.process = ctx.Process(target=_worker_main, args=(child, self.progress, refs), daemon=True,
                                    name="reward-worker")
-        self.process.start()
+        with _signals_ignored():  # inherited through exec: a Ctrl-C while the worker imports is ignored there too
+            self.process.start()
         child.close()
         self.ready = False
         self.task = None  # (task_id, items) while busy

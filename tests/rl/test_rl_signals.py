@@ -108,3 +108,19 @@ def test_signals_forwarded_together_count_once():
         os.kill(os.getpid(), signal.SIGTERM)  # e.g. from the process group and again from the launcher
         time.sleep(0.05)
         assert stop.signal_name == "SIGTERM"
+
+
+def test_reward_workers_ignore_ctrl_c_and_sigterm_from_their_first_instruction():
+    """Ctrl-C reaches the whole process group; the workers leave the shutdown to the trainer (no traceback of theirs,
+    no sample lost mid-score). The disposition is inherited, so it holds while a worker still imports."""
+    import rewards as tzrewards
+
+    scorer = tzrewards.Scorer([{"name": f"{REWARDS}:digit_fraction"}], num_workers=1, timeout_s=30)
+    try:
+        pid = scorer._pool.workers[0].process.pid
+        os.kill(pid, signal.SIGINT)
+        os.kill(pid, signal.SIGTERM)
+        assert scorer.score(["a1", "22"]).total == [0.5, 1.0]
+        assert scorer._pool.workers[0].process.pid == pid  # the same worker, not a replacement
+    finally:
+        scorer.close()
