@@ -1,28 +1,44 @@
 """Math answers: find the final answer in a completion, decide whether it equals the gold answer.
 
-`verify(gold, prediction)` is the whole grader; `math_accuracy` is the reward built on it.
+`verify(gold, prediction)` is the whole grader; `math_accuracy` is the reward built on it. The rules, all in one place
+(each has cases in tests/rewards/test_rewards_math.py, TABLE and CATEGORIES):
 
-Where the answer is taken from, in order:
-  prediction: the last <answer>…</answer> (its last \\boxed{} if it has one), else the last \\boxed{…} (nested braces
-              fine), else a "final answer is …" / "answer: …" phrase, else the whole text if it parses as an answer,
-              else the last number in the text.
-  gold:       the text after the last `####` (GSM8K), else the last \\boxed{…}, else the whole text.
-
-When two answers are equal (see tests/rewards/test_rewards_math.py for the table):
-  * same text after normalisation (case, spaces, \\text{}, \\left/\\right, $, trailing period);
-  * numbers: exact rational comparison (1,234 = 1234; 0.5 = 1/2 = \\frac{1}{2} = \\dfrac12; 1.5e3 = 1500).
-    A decimal may approximate a value that has no finite decimal expansion, to 1e-6 relative: 0.3333333 = 1/3 and
-    1.41421356 = \\sqrt{2}, but 0.33 != 1/3, 0.333 != 1/3, 3.14 != \\pi; a value that has a finite expansion must
-    match exactly (1000000.5 != 1000000, 0.7500001 != 3/4). Irrational values (\\sqrt, \\pi, e, logs) otherwise
-    compare as floats to 1e-9 relative;
-  * a percentage `p%` also equals p/100 on the other side (50% = 50 = 0.5; 50 != 0.5);
-  * units and words around numbers are dropped (5 cm = 5, \\$1,000 = 1000, 30^\\circ = 30), `x = 3` = 3;
-  * expressions with variables: equal at three random rational points (exactly where arithmetic stays rational),
-    with sympy's simplify of the difference as a fallback for small expressions that cannot be evaluated there;
-  * tuples and intervals are ordered and keep their brackets ((1,2) != (2,1), [1,2) != (1,2)); sets `\\{…\\}` and bare
-    lists `1, 2` are unordered; a bare list also matches a tuple in order; inequalities on one variable equal the
-    interval they describe (x > 3 = (3, \\infty)); matrices compare cell by cell (a one-row or one-column matrix also
-    matches a tuple).
+  where the answer is taken from
+    prediction   the last <answer>…</answer> (its boxes if it has any), else the last \\boxed{…} together with the
+                 boxes just before it joined only by `,` / `and` / `or` (\\boxed{2}, \\boxed{5} -> 2, 5; a box
+                 after other text is a correction: only the last counts), else a "final answer is …" / "answer: …"
+                 phrase (markdown ** dropped), else the line after a last `####`, else the whole text if it parses
+                 as an answer, else the last number in the text
+    gold         the text after the last `####` (GSM8K), else the last \\boxed{…}, else the whole text
+    both         JSON-escaped LaTeX (every command written \\\\frac) is read with single backslashes
+  when two answers are equal
+    text         same after normalisation (case, spaces, \\text{}, \\left/\\right, \\! \\, $, trailing period)
+    numbers      exact rationals: 1,234 = 12{,}345-style thousands; 0.5 = 1/2 = \\dfrac12; 1.5e3 = 1500; a decimal
+                 comma (3,75 = 3{,}75 = 3.75, not three digits after it) only against a single number: against the
+                 list `3, 75` it separates (decimal_comma=False: never a decimal)
+    decimals     may approximate a value without a finite expansion to 1e-6 relative (0.3333333 = 1/3,
+                 1.41421356 = \\sqrt2; 0.333 != 1/3, 3.14 != \\pi); a value with one must match exactly
+                 (0.7500001 != 3/4); irrational values otherwise compare as floats to 1e-9 relative
+    percent      p% also equals p/100 on the other side (50% = 50 = 0.5; 50 != 0.5); ^\\circ is dropped
+    units        dropped when one side has none or both have the same (5 cm = 5, 10\\text{ m} = 10, \\$18 = 18);
+                 different unit words differ (10 cm != 10 m)
+    labels       `x = 7` = 7; a chain states its last side (x = 3+4 = 7 is 7) up to its first \\approx
+                 (x = 7 \\approx 6.9 is 7, not 6.9); `S_1:S_2 = 5:9` = 5:9; a ratio a:b is a/b (5:9 = 10:18);
+                 labelled values `x=1, y=2` are the tuple (1, 2); `;` splits groups (a=3,b=1;a=5,b=1 = (3,1),(5,1));
+                 two labelled lists match label by label, in any order
+    equations    a = b vs c = d: the same equation up to sides and sign (2x+3y=6 = 6=3y+2x; a different right side
+                 differs)
+    expressions  with variables: equal at three random rational points, with sympy's simplify of the difference as
+                 a fallback for small algebraic expressions (\\sin x != \\cos x)
+    sequences    tuples and intervals are ordered and keep their brackets ((1,2) != (2,1), [t,t+1] != [t+1,t],
+                 [1,2) != (1,2)); sets \\{…\\} and bare lists `1, 2` (also joined by and / or) are unordered and
+                 must have the same size (\\boxed{2}, \\boxed{3} != 2: wrong alternatives beside the gold fail);
+                 a bare list also matches a tuple in order
+    intervals    an inequality on one variable, -variable or |variable| equals the interval(s) it describes
+                 (0<y<2 = (0,2); -x>-4 = x<4; 2\\le|t|\\le3 = [-3,-2]\\cup[2,3]; x<1 or x>2 = (-oo,1)\\cup(2,oo));
+                 unions compare as unordered sets of intervals
+    matrices     pmatrix / bmatrix / array (also inside \\left( \\right)) compare cell by cell; a one-row or
+                 one-column matrix also matches a tuple
 Nothing here evaluates model text as code; see math_parse for the bounds on every input.
 """
 
@@ -49,16 +65,20 @@ _PHRASE_RE = re.compile(r"(?:final answer|the answer)\s*(?:is|:|=)\s*:?\s*([^\n]
 _NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 
 
-def last_boxed(text: str) -> str | None:
-    """Content of the last complete \\boxed{…} (outermost if nested), one linear pass over the text's tail."""
+_BOX_JOINER_RE = re.compile(r"[\s,;$]*(?:(?:\\text\s*\{\s*(?:and|or)\s*\}|\band\b|\bor\b|\\quad|\\qquad)[\s,;$]*)?")
+MAX_JOINED_BOXES = 20
+
+
+def _boxed_spans(text: str) -> tuple[str, list[tuple[int, int]]]:
+    """The scanned tail of `text` and the (start, end) of each complete outermost \\boxed{…} content in it."""
     start = text.find("\\boxed", max(0, len(text) - MAX_SCAN_CHARS))
     fbox = text.find("\\fbox", max(0, len(text) - MAX_SCAN_CHARS))
     if start < 0 and fbox < 0:
-        return None
+        return text, []
     text = text[min(i for i in (start, fbox) if i >= 0):]
     stack: list[tuple[bool, int]] = []
     boxed_open = 0
-    best = None
+    spans = []
     for m in _BRACE_RE.finditer(text):
         tok = m.group(0)
         if tok in ("\\{", "\\}"):
@@ -69,7 +89,7 @@ def last_boxed(text: str) -> str | None:
                 if is_boxed:
                     boxed_open -= 1
                     if boxed_open == 0:
-                        best = (start, m.start())
+                        spans.append((start, m.start()))
         else:
             is_boxed = tok != "{"
             boxed_open += is_boxed
@@ -77,9 +97,31 @@ def last_boxed(text: str) -> str | None:
     bare = None
     for m in _BOXED_BARE_RE.finditer(text):
         bare = m
-    if bare is not None and (best is None or bare.start() > best[1]):
-        return bare.group(1)
-    return text[best[0]:best[1]] if best is not None else None
+    if bare is not None and (not spans or bare.start() > spans[-1][1]):
+        spans.append(bare.span(1))
+    return text, spans
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last complete \\boxed{…} (outermost if nested), one linear pass over the text's tail."""
+    text, spans = _boxed_spans(text)
+    return text[spans[-1][0]:spans[-1][1]] if spans else None
+
+
+def final_boxed(text: str) -> str | None:
+    """The last \\boxed{…} together with the boxes just before it that only a comma, 'and' or 'or' separates from it:
+    `\\boxed{2}, \\boxed{5}` -> '2, 5' (several answers), but `\\boxed{3} then \\boxed{4}` -> '4' (a correction)."""
+    text, spans = _boxed_spans(text)
+    if not spans:
+        return None
+    first = len(spans) - 1
+    while first > 0 and len(spans) - first < MAX_JOINED_BOXES:
+        gap = text[spans[first - 1][1] + 1:spans[first][0]]
+        gap = re.sub(r"\\(?:boxed|fbox)\s*\{?$", "", gap)
+        if _BOX_JOINER_RE.fullmatch(gap) is None:
+            break
+        first -= 1
+    return ", ".join(text[a:b].strip() for a, b in spans[first:])
 
 
 def extract_answer(text: str) -> str | None:
@@ -89,16 +131,19 @@ def extract_answer(text: str) -> str | None:
         end = text.find("</answer>", start)
         if end >= 0:
             inner = text[start + len("<answer>"):end]
-            boxed = last_boxed(inner)
+            boxed = final_boxed(inner)
             return (boxed if boxed is not None else inner).strip()
-    boxed = last_boxed(text)
+    boxed = final_boxed(text)
     if boxed is not None:
         return boxed.strip()
     phrase = None
     for m in _PHRASE_RE.finditer(text, max(0, len(text) - MAX_SCAN_CHARS)):
         phrase = m
-    if phrase is not None:
-        return phrase.group(1).strip().rstrip(".").strip()
+    if phrase is not None:  # markdown bold and a closing period are not part of the answer
+        return phrase.group(1).strip().rstrip(".").strip().strip("*").strip().rstrip(".").strip()
+    pos = text.rfind("####", max(0, len(text) - MAX_SCAN_CHARS))
+    if pos >= 0 and text[pos + 4:].strip():
+        return text[pos + 4:].strip().splitlines()[0].strip().rstrip(".").strip()
     return None
 
 
@@ -257,45 +302,87 @@ def _rhs(node):
     return node[2][-1] if node[0] == "rel" and all(op == "=" for op in node[1]) else None
 
 
-def _interval(node):
-    """(lo, hi, lo_closed, hi_closed) for `(a, b]`-style sequences and one-variable inequalities, else None."""
-    inf = ("const", "inf")
-    if node[0] == "seq" and len(node[3]) == 2:
-        return (node[3][0], node[3][1], node[1] == "[", node[2] == "]")
-    if node[0] != "rel" or any(op not in ("<", ">", "<=", ">=") for op in node[1]):
+_FLIP = {"<": ">", ">": "<", "<=": ">=", ">=": "<="}
+_INF = ("const", "inf")
+
+
+def _one_sided(var, op, bound):
+    """Intervals of `var op bound` where var is a symbol, -symbol or |symbol|; None for anything else."""
+    if var[0] == "neg" and var[1][0] in ("sym", "abs"):  # -x > -4  ->  x < 4
+        var, op, bound = var[1], _FLIP[op], ("neg", bound)
+    if var[0] == "sym":
+        if op in ("<", "<="):
+            return [(("neg", _INF), bound, False, op == "<=")]
+        return [(bound, _INF, op == ">=", False)]
+    if var[0] == "abs" and var[1][0] == "sym":  # |x| < 2 -> (-2, 2); |x| >= 2 -> (-inf, -2] U [2, inf)
+        if op in ("<", "<="):
+            return [(("neg", bound), bound, op == "<=", op == "<=")]
+        return [(("neg", _INF), ("neg", bound), False, op == ">="), (bound, _INF, op == ">=", False)]
+    return None
+
+
+def _intervals(node):
+    """The intervals (lo, hi, lo_closed, hi_closed) a node describes: `(a, b]`, a union of those, an inequality on one
+    variable (or on |variable|: 2 <= |t| <= 3 is [-3, -2] U [2, 3]), or a list of inequalities ('x < 1 or x > 2');
+    None for anything else."""
+    tag = node[0]
+    if tag == "seq" and len(node[3]) == 2:
+        return [(node[3][0], node[3][1], node[1] == "[", node[2] == "]")]
+    if tag in ("union", "list"):
+        if tag == "list" and not all(item[0] == "rel" for item in node[1]):
+            return None
+        parts = [_intervals(item) for item in node[1]]
+        return None if any(p is None for p in parts) else [iv for p in parts for iv in p]
+    if tag != "rel" or any(op not in _FLIP for op in node[1]):
         return None
     ops, sides = node[1], node[2]
     if len(ops) == 1:
         a, b = sides
-        op = ops[0]
-        if a[0] == "sym" and b[0] != "sym":
-            pass
-        elif b[0] == "sym" and a[0] != "sym":
-            a, b = b, a
-            op = {"<": ">", ">": "<", "<=": ">=", ">=": "<="}[op]
+        if _one_sided(b, "<", a) is not None and _one_sided(a, "<", b) is None:
+            a, b, op = b, a, _FLIP[ops[0]]
         else:
-            return None
-        if op in ("<", "<="):
-            return (("neg", inf), b, False, op == "<=")
-        return (b, inf, op == ">=", False)
-    if len(ops) == 2 and sides[1][0] == "sym" and all(o in ("<", "<=") for o in ops):
-        return (sides[0], sides[2], ops[0] == "<=", ops[1] == "<=")
-    if len(ops) == 2 and sides[1][0] == "sym" and all(o in (">", ">=") for o in ops):
-        return (sides[2], sides[0], ops[1] == ">=", ops[0] == ">=")
-    return None
+            op = ops[0]
+        return _one_sided(a, op, b)
+    if len(ops) != 2 or (ops[0] in ("<", "<=")) != (ops[1] in ("<", "<=")):
+        return None
+    lo_op, hi_op = ops
+    lo, var, hi = sides
+    if ops[0] in (">", ">="):  # 5 > x >= 1
+        lo, hi, lo_op, hi_op = hi, lo, _FLIP[ops[1]], _FLIP[ops[0]]
+    below, above = _one_sided(var, ">" if lo_op == "<" else ">=", lo), _one_sided(var, hi_op, hi)
+    if below is None or above is None:
+        return None
+    if var[0] == "sym" or var[0] == "neg" and var[1][0] == "sym":
+        if var[0] == "neg":  # -3 < -x < 1  ->  -1 < x < 3
+            return [(above[0][0], below[0][1], above[0][2], below[0][3])]
+        return [(below[0][0], above[0][1], below[0][2], above[0][3])]
+    # lo <= |t| <= hi: the two pieces [-hi, -lo] and [lo, hi]
+    inner = _one_sided(var, hi_op, hi)[0]
+    outer = _one_sided(var, ">" if lo_op == "<" else ">=", lo)
+    return [(inner[0], outer[0][1], inner[2], outer[0][3]), (outer[1][0], inner[1], outer[1][2], inner[3])]
 
 
 def _equal_interval(a, b) -> bool:
     return a[2] == b[2] and a[3] == b[3] and _equal(a[0], b[0]) and _equal(a[1], b[1])
 
 
-def _equal_unordered(gs: list, ps: list) -> bool:
+def _exact_part(node):
+    """`x = 7 \\approx 6.9` states x = 7: a chain is read up to its first \\approx."""
+    if node[0] != "rel" or "~" not in node[1]:
+        return node
+    k = node[1].index("~")
+    return node[2][0] if k == 0 else ("rel", node[1][:k], node[2][:k + 1])
+
+
+def _equal_unordered(gs: list, ps: list, equal=None) -> bool:
+    """Same items in any order, each used once; `equal` compares two items (default: `_equal`)."""
+    equal = equal or _equal
     if len(gs) != len(ps):
         return False
     remaining = list(ps)
     for g in gs:
         for j, p in enumerate(remaining):
-            if _equal(g, p):
+            if equal(g, p):
                 del remaining[j]
                 break
         else:
@@ -321,15 +408,18 @@ def _equal(g, p) -> bool:
     tg, tp = g[0], p[0]
     if tg == "text" or tp == "text":
         return tg == tp and _norm_string(g[1]) == _norm_string(p[1])
+    g, p = _exact_part(g), _exact_part(p)
+    tg, tp = g[0], p[0]
+    if "rel" in (tg, tp) or "union" in (tg, tp) or "list" in (tg, tp):
+        gi, pi = _intervals(g), _intervals(p)
+        if gi is not None and pi is not None and (tg, tp) != ("seq", "seq"):
+            return _equal_unordered(gi, pi, _equal_interval)
     if tg == "rel" or tp == "rel":
         if tg == "rel" and tp == "rel":
-            if g[1] == p[1] == ("=",) and g[2][0][0] == "sym" and p[2][0][0] == "sym":
-                return g[2][0][1] == p[2][0][1] and _equal(g[2][1], p[2][1])
+            if g[2][0][0] == "sym" and p[2][0][0] == "sym" and _rhs(g) is not None and _rhs(p) is not None:
+                return g[2][0][1] == p[2][0][1] and _equal(_rhs(g), _rhs(p))  # x = 3 + 4 = 7 vs x = 7
             if g[1] == p[1] and len(g[2]) == len(p[2]) and all(map(_equal, g[2], p[2])):
                 return True
-            gi, pi = _interval(g), _interval(p)
-            if gi is not None and pi is not None:
-                return _equal_interval(gi, pi)
             if g[1] == p[1] == ("=",):  # a = b vs c = d: same equation up to sides and sign
                 dg = ("sub", g[2][0], g[2][1])
                 return _equal_expr(dg, ("sub", p[2][0], p[2][1])) or _equal_expr(dg, ("sub", p[2][1], p[2][0]))
@@ -338,8 +428,7 @@ def _equal(g, p) -> bool:
         value = _rhs(rel)
         if value is not None:
             return _equal(value, other) if tg == "rel" else _equal(other, value)
-        ri, oi = _interval(rel), _interval(other)
-        return ri is not None and oi is not None and other[0] == "seq" and _equal_interval(ri, oi)
+        return False
     if tg in ("set", "list") and tp in ("set", "list"):
         return _equal_unordered(g[1], p[1])
     if tg == "list" and tp == "seq" or tg == "seq" and tp == "list":
@@ -386,10 +475,42 @@ def _expand_pm(node, budget: int = 2):
     return ("list", variants)
 
 
-def answers_equal(gold: str, prediction: str) -> bool:
+@lru_cache(maxsize=8192)
+def _units(text: str) -> frozenset:
+    """The unit words an answer carries ('10 \\text{ cm}' -> {'cm'})."""
+    try:
+        tokens = mp.tokenize(mp.clean(text)) if len(text) <= mp.MAX_CHARS else []
+    except mp.AnswerError:
+        return frozenset()
+    words = (str(t[1]).lower() for t in tokens if t[0] == "word")
+    words = (w[:-1] if len(w) > 2 and w.endswith("s") else w for w in words)
+    return frozenset(w for w in words if w in mp.UNIT_WORDS)
+
+
+# 3,75 or 3{,}75: a decimal comma (not a thousands separator: not exactly three digits after it).
+_DECIMAL_COMMA_RE = re.compile(r"(-?\d+)(?:,|\{,\})(\d{1,2}|\d{4,})")
+
+
+def _decimal_comma(text: str) -> str | None:
+    m = _DECIMAL_COMMA_RE.fullmatch(text.strip().strip("$").strip())
+    return f"{m.group(1)}.{m.group(2)}" if m else None
+
+
+def answers_equal(gold: str, prediction: str, decimal_comma: bool = True) -> bool:
     """Equality of two bare answers (no extraction)."""
     if _norm_string(gold) == _norm_string(prediction) and _norm_string(gold):
         return True
+    g_units, p_units = _units(gold), _units(prediction)
+    if g_units and p_units and g_units != p_units:
+        return False
+    if decimal_comma:  # `3,75` is 3.75 only against a single number: against `3, 75` it is a list
+        for a, b in ((gold, prediction), (prediction, gold)):
+            reading = _decimal_comma(b)
+            parsed = _parse(a)
+            if reading is not None and parsed is not None and parsed[0] not in _STRUCTURE:
+                if a is gold:
+                    return answers_equal(gold, reading, False)
+                return answers_equal(reading, prediction, False)
     g, p = _parse(gold), _parse(prediction)
     if g is None or p is None:
         return False
@@ -401,6 +522,17 @@ def answers_equal(gold: str, prediction: str) -> bool:
         return False
 
 
+_DOUBLED_RE = re.compile(r"\\\\[a-zA-Z]")
+_SINGLE_RE = re.compile(r"(?<!\\)\\[a-zA-Z]")
+
+
+def _unescape(text: str) -> str:
+    """JSON-escaped LaTeX ('\\\\frac{1}{2}') back to LaTeX, when every command in it is doubled."""
+    if _DOUBLED_RE.search(text) and not _SINGLE_RE.search(text):
+        return text.replace("\\\\", "\\")
+    return text
+
+
 _WORD_RE = re.compile(r"(?<![\\a-zA-Z])[a-zA-Z]{3,}")
 
 
@@ -409,31 +541,34 @@ def _looks_like_answer(text: str) -> bool:
     return len(text) <= 200 and "\n" not in text and len(_WORD_RE.findall(text[:200])) < 4
 
 
-def verify(gold: str, prediction: str) -> bool:
+def verify(gold: str, prediction: str, decimal_comma: bool = True) -> bool:
     """Whether `prediction` (a completion or a bare answer) states the same final answer as `gold`."""
+    gold, prediction = _unescape(gold), _unescape(prediction)
     try:
         gold_text = gold_answer(gold)
     except ValueError:
         return False
     explicit = extract_answer(prediction)
     if explicit is not None:
-        return answers_equal(gold_text, explicit)
+        return answers_equal(gold_text, explicit, decimal_comma)
     candidate = prediction.strip()
-    if _looks_like_answer(candidate) and _parse(candidate) is not None:
-        return answers_equal(gold_text, candidate)
+    if _looks_like_answer(candidate) and (_parse(candidate) is not None or _decimal_comma(candidate)):
+        return answers_equal(gold_text, candidate, decimal_comma)
     last = None
     for m in _NUMBER_RE.finditer(prediction, max(0, len(prediction) - MAX_SCAN_CHARS)):
         last = m
-    return last is not None and answers_equal(gold_text, last.group(0))
+    return last is not None and answers_equal(gold_text, last.group(0), decimal_comma)
 
 
 @reward("math_accuracy")
-def math_accuracy(completion: str, answer: str) -> float | None:
-    """1.0 when the completion's final answer equals the gold `answer`, else 0.0; None if the gold is unusable."""
+def math_accuracy(completion: str, answer: str, decimal_comma: bool = True) -> float | None:
+    """1.0 when the completion's final answer equals the gold `answer`, else 0.0; None if the gold is unusable.
+
+    decimal_comma=False reads `3,75` only as the list 3, 75 (for data where a comma never marks decimals)."""
     try:
         gold_text = gold_answer(answer)
     except ValueError:
         return None
     if not gold_text or (_parse(gold_text) is None and not _norm_string(gold_text)):
         return None
-    return 1.0 if verify(answer, completion) else 0.0
+    return 1.0 if verify(answer, completion, decimal_comma) else 0.0

@@ -15,7 +15,8 @@ Tree nodes (tuples, first item is the tag):
   expressions: ("num", Fraction, is_decimal) ("sym", name) ("const", "pi"|"e"|"i"|"inf") ("add"|"sub"|"mul"|"div"|"pow", a, b)
                ("neg", a) ("fact", a) ("func", name, a) ("log", base, a) ("root", a, n) ("abs", a) ("binom", n, k)
                ("percent", a) ("pm", a, b) (a ± b: stands for the two values a + b and a - b)
-  structure:   ("rel", ops, sides) ("seq", open, close, items) ("set", items) ("list", items) ("union", parts)
+  structure:   ("rel", ops, sides) (ops: = < > <= >= != and ~ for \\approx) ("seq", open, close, items)
+               ("set", items) ("list", items) (a `;` list holds `,` lists: a=3,b=1;a=5,b=1) ("union", parts)
                ("matrix", rows) ("text", str)
 """
 
@@ -87,6 +88,11 @@ _CONST_WORDS = {"pi": "pi", "inf": "inf", "infty": "inf", "infinity": "inf"}
 _SEPARATOR_WORDS = {"or", "and"}
 _UNITS = {"cm", "mm", "km", "kg", "mg", "ml", "mL", "kb", "mb", "gb", "ft", "in", "yd", "mi", "lb", "lbs", "oz",
           "hr", "hrs", "min", "mins", "sec", "secs", "cents", "mph", "kmh", "sq", "units", "unit", "deg"}
+# Words that name a unit: two answers that carry different ones differ (10 cm != 10 m); plural "s" is dropped first.
+UNIT_WORDS = _UNITS | {"m", "g", "s", "h", "l", "km", "meter", "metre", "centimeter", "centimetre", "millimeter",
+                       "kilometer", "kilometre", "gram", "kilogram", "second", "minute", "hour", "day", "week",
+                       "month", "year", "liter", "litre", "degree", "radian", "dollar", "cent", "euro", "inch",
+                       "inche", "foot", "feet", "yard", "mile", "pound", "ounce", "ton", "acre", "percent"}
 _STOPWORDS = {"is", "be", "so", "we", "it", "of", "to", "as", "at", "by", "if", "on", "an", "am", "he", "my", "no",
               "do", "go", "up", "us", "me", "ok"}
 _TEXT_CMDS = {"text", "textbf", "textit", "textrm", "textnormal", "mathrm", "mathbf", "mathit", "mbox", "operatorname",
@@ -95,7 +101,7 @@ _GREEK = {"alpha", "beta", "gamma", "delta", "epsilon", "varepsilon", "zeta", "e
           "kappa", "lambda", "mu", "nu", "xi", "rho", "sigma", "tau", "upsilon", "phi", "varphi", "chi", "psi",
           "omega", "Gamma", "Delta", "Theta", "Lambda", "Xi", "Sigma", "Phi", "Psi", "Omega"}
 _REL_CMDS = {"le": "<=", "leq": "<=", "leqslant": "<=", "ge": ">=", "geq": ">=", "geqslant": ">=", "lt": "<",
-             "gt": ">", "neq": "!=", "ne": "!=", "in": "=", "approx": "=", "equiv": "="}
+             "gt": ">", "neq": "!=", "ne": "!=", "in": "=", "approx": "~", "simeq": "~", "equiv": "="}
 _MUL_CMDS = {"times", "cdot", "ast"}
 _SKIP_CMDS = {"boxed", "fbox", "mathbb", "mathcal"}  # wrappers whose group is read as-is
 
@@ -157,7 +163,8 @@ def tokenize(text: str, _depth: int = 0) -> list[tuple[str, object, bool]]:
                     j += 1
                 if j < n and text[j] == "{":
                     content, i = _read_group(text, j)
-                    tokens.extend(_text_tokens(content, attached, _depth))
+                    after_number = bool(tokens) and tokens[-1][0] == "num"
+                    tokens.extend(_text_tokens(content, attached, _depth, after_number))
                     attached = True
                     continue
             tokens.append(("cmd", name, attached))
@@ -178,8 +185,11 @@ def tokenize(text: str, _depth: int = 0) -> list[tuple[str, object, bool]]:
     return tokens
 
 
-def _text_tokens(content: str, attached: bool, depth: int) -> list[tuple[str, object, bool]]:
+def _text_tokens(content: str, attached: bool, depth: int,
+                 after_number: bool = False) -> list[tuple[str, object, bool]]:
     stripped = content.strip()
+    if after_number and re.fullmatch(r"[A-Za-z]", stripped):  # 10\text{ m}: a unit
+        return [("word", stripped, attached)]
     if re.fullmatch(r"[A-Za-z]", stripped):
         return [("sym", stripped, attached)]
     if stripped.lower() in _SEPARATOR_WORDS:
@@ -266,8 +276,18 @@ class _Parser:
         return tree
 
     def parse_list(self, stop):
+        """Items split by `,`; groups split by `;` (`a=3,b=1;a=5,b=1`: two labelled pairs)."""
+        groups = [self.parse_commas(stop)]
+        while self.at_op(";"):
+            self.pos += 1
+            if self.peek()[0] is None or self.at_op(*stop):
+                break
+            groups.append(self.parse_commas(stop))
+        return groups[0] if len(groups) == 1 else self.node("list", groups)
+
+    def parse_commas(self, stop):
         items = [self.parse_relation()]
-        while self.at_op(",", ";"):
+        while self.at_op(","):
             self.pos += 1
             if self.peek()[0] is None or self.at_op(*stop):
                 break
@@ -275,7 +295,7 @@ class _Parser:
         return items[0] if len(items) == 1 else self.node("list", items)
 
     def parse_relation(self):
-        sides = [self.parse_union()]
+        sides = [self.parse_ratio()]
         ops = []
         while True:
             tok = self.peek()
@@ -287,8 +307,16 @@ class _Parser:
                 break
             self.pos += 1
             ops.append(op)
-            sides.append(self.parse_union())
+            sides.append(self.parse_ratio())
         return sides[0] if not ops else self.node("rel", tuple(ops), sides)
+
+    def parse_ratio(self):
+        """`a : b` is the ratio a / b (5:9 = 10:18 = 5/9)."""
+        left = self.parse_union()
+        while self.at_op(":"):
+            self.pos += 1
+            left = self.node("div", left, self.parse_union())
+        return left
 
     def parse_union(self):
         parts = [self.parse_expr()]

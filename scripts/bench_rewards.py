@@ -2,12 +2,12 @@
 
     python scripts/bench_rewards.py [--n 2000] [--seed 0] [--show 10]
 
-The answers: our hand-written table (tests/rewards/test_rewards_math.py) plus generated pairs (integers with
+The answers: our hand-written tables (tests/rewards/test_rewards_math.py: TABLE and the per-category CATEGORIES) plus generated pairs (integers with
 separators, fractions vs decimals, roots, polynomials, scientific notation, percentages, tuples, intervals, multiples
 of pi), each with a known verdict. Both graders see the same gold and prediction text; math-verify gets the gold after
 GSM8K `####` extraction and predictions after `<answer>` extraction (it has no such rules), and each text in `$…$`
 when it has no LaTeX anchor of its own (that is how math-verify expects LaTeX; without it, it misses more). Caches are cleared before timing. Prints throughput
-(answers/s), verdict agreement, errors on our table and on the generated pairs; the last line is `speedup=X.XX`
+(answers/s), verdict agreement, errors on our tables and on the generated pairs, agreement by category; the last line is `speedup=X.XX`
 (our answers/s over math-verify's).
 """
 
@@ -26,12 +26,13 @@ sys.path.insert(0, str(ROOT))
 from rewards import math as ours
 
 
-def load_table():
+def load_tables():
+    """(category, gold, prediction, expected) rows: the base table as category 'table', then the issue-17 categories."""
     path = ROOT / "tests" / "rewards" / "test_rewards_math.py"
     spec = importlib.util.spec_from_file_location("_bench_table", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.TABLE
+    return [("table", *row) for row in module.TABLE] + list(module.CATEGORY_ROWS)
 
 
 def _frac(p, q):
@@ -40,7 +41,7 @@ def _frac(p, q):
 
 
 def generate(rng: random.Random, n: int):
-    """n (gold, prediction, expected) pairs, half of them equal, half near misses."""
+    """n (kind, gold, prediction, expected) rows, half of them equal, half near misses."""
 
     def integer(same):
         v = rng.randint(-5000, 2_000_000)
@@ -111,8 +112,9 @@ def generate(rng: random.Random, n: int):
     out = []
     for i in range(n):
         same = i % 2 == 0
-        gold, pred = rng.choice(kinds)(same)
-        out.append((gold, pred, same))
+        kind = rng.choice(kinds)
+        gold, pred = kind(same)
+        out.append((kind.__name__, gold, pred, same))
     return out
 
 
@@ -162,11 +164,12 @@ def main():
     except ImportError:
         sys.exit("math-verify is not installed: pip install -e '.[bench]' (or pip install math-verify)")
 
-    table = load_table()
+    table = load_tables()
     generated = generate(random.Random(args.seed), max(0, args.n - len(table)))
     data = table + generated
-    pairs = [(g, p) for g, p, _ in data]
-    expected = [e for _, _, e in data]
+    categories = [c for c, _, _, _ in data]
+    pairs = [(g, p) for _, g, p, _ in data]
+    expected = [e for _, _, _, e in data]
 
     warm = pairs[:20]  # imports, grammar construction
     run_ours(warm)
@@ -190,8 +193,15 @@ def main():
     print(f"ours:        {n / ours_s:10.1f} answers/s ({ours_s:.2f} s)")
     print(f"math-verify: {n / mv_s:10.1f} answers/s ({mv_s:.2f} s)")
     print(f"verdict agreement: {agree}/{n} ({100 * agree / n:.1f}%)")
-    print(f"wrong on our table ({nt}): ours={ours_table} math-verify={mv_table}")
+    print(f"wrong on our tables ({nt}): ours={ours_table} math-verify={mv_table}")
     print(f"wrong on generated ({n - nt}): ours={ours_gen} math-verify={mv_gen}")
+    print("by category (rows, where ours and math-verify differ, wrong: ours / math-verify):")
+    for cat in dict.fromkeys(categories):
+        rows = [i for i, c in enumerate(categories) if c == cat]
+        differ = sum(ours_v[i] != mv_v[i] for i in rows)
+        wrong_ours = sum(ours_v[i] != expected[i] for i in rows)
+        wrong_mv = sum(mv_v[i] != expected[i] for i in rows)
+        print(f"  {cat:24} {len(rows):5}  differ={differ:4}  wrong={wrong_ours} / {wrong_mv}")
     shown = 0
     for (g, p), e, a, b in zip(pairs, expected, ours_v, mv_v):
         if shown >= args.show:

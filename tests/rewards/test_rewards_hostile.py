@@ -47,6 +47,12 @@ BOMBS = {
     "nested_abs": "\\boxed{" + "|" * 400 + "}",
     "backslashes": "\\" * 1_000_000,
     "braces_only": "}" * 500_000 + "{" * 500_000,
+    "joined_boxes": "\\boxed{1}, " * 100_000,
+    "doubled_backslashes": "\\\\frac{1}{2}" * 50_000,
+    "abs_inequality_chain": "\\boxed{" + "<|x|".join(["1"] * 150) + "}",
+    "ratio_chain": "\\boxed{" + ":".join(["1"] * 300) + "}",
+    "semicolon_groups": "\\boxed{" + "a=1;" * 200 + "}",
+    "decimal_comma_digits": "3," + "7" * 900,
 }
 
 

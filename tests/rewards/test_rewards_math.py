@@ -308,3 +308,136 @@ def test_math_accuracy_reward():
     assert math_accuracy("<answer>8</answer>", "no marker here") == 0.0  # gold parsed as text
     assert math_accuracy("<answer>8</answer>", "") is None
     assert math_accuracy("<answer>8</answer>", "solution without a final line ####") is None
+
+
+# Issue #17: one verdict table per category, both polarities; "false_positive_guards" must stay False.
+CATEGORIES = {
+    "several_answers": [
+        ("2, 5", "\\boxed{2}, \\boxed{5}", True),
+        ("2, 5", "\\boxed{5} and \\boxed{2}", True),
+        ("(1,4),(4,1)", "\\boxed{(1, 4)} \\text{ and } \\boxed{(4, 1)}", True),
+        ("(1,4),(4,1)", "\\boxed{(4, 1)}, \\boxed{(1, 4)}", True),
+        ("2, 5", "x = 2 \\text{ or } x = 5", True),
+        ("\\{-1, 3\\}", "$x=3$ or $x=-1$, so \\boxed{3}, \\boxed{-1}", True),
+        ("2, 5", "\\boxed{2}, \\boxed{6}", False),
+        ("2, 5", "\\boxed{2}", False),
+        ("(1,4),(4,1)", "\\boxed{(1, 4)}", False),
+        ("2, 5", "x = 2 \\text{ or } x = 6", False),
+    ],
+    "labelled": [
+        ("x = 7", "7", True),
+        ("7", "x = 7", True),
+        ("a=3,b=1;a=5,b=1", "(3,1),(5,1)", True),
+        ("a=3,b=1;a=5,b=1", "(5,1),(3,1)", True),
+        ("S_1:S_2=5:9", "5:9", True),
+        ("5:9", "\\frac{5}{9}", True),
+        ("\\frac{AB}{BC}=\\frac{1}{\\sqrt 3}", "\\frac{1}{\\sqrt3}", True),
+        ("7", "x = 3+4 = 7", True),
+        ("x = 7", "x = 3 + 4 = 7", True),
+        ("7", "x = 7 \\approx 6.9", True),
+        ("x=1, y=2", "(1, 2)", True),
+        ("x=1, y=2", "y=2, x=1", True),
+        ("6.9", "x = 7 \\approx 6.9", False),
+        ("a=3,b=1;a=5,b=1", "(1,3),(1,5)", False),
+        ("S_1:S_2=5:9", "9:5", False),
+        ("x=1, y=2", "(2, 1)", False),
+        ("x=1, y=2", "x=2, y=1", False),
+        ("8", "x = 3+4 = 7", False),
+    ],
+    "inequalities_intervals": [
+        ("(0,2)", "0<y<2", True),
+        ("0<y<2", "(0, 2)", True),
+        ("[-3,-2]\\cup[2,3]", "2\\le|t|\\le 3", True),
+        ("x<4", "-x>-4", True),
+        ("(-2, 2)", "|x| < 2", True),
+        ("(-\\infty, 1) \\cup (2, \\infty)", "x < 1 \\text{ or } x > 2", True),
+        ("[1, 5)", "5 > x \\ge 1", True),
+        ("(0,2)", "0 \\le y < 2", False),
+        ("[-3,-2]\\cup[2,3]", "2<|t|\\le 3", False),
+        ("x<4", "-x<-4", False),
+        ("(-2, 2)", "|x| \\le 2", False),
+        ("(-\\infty, 1) \\cup (2, \\infty)", "x < 1 \\text{ or } x > 3", False),
+    ],
+    "matrices": [
+        ("\\begin{pmatrix}1\\\\2\\end{pmatrix}", "\\left(\\begin{array}{c}1\\\\2\\end{array}\\right)", True),
+        ("\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}", "\\begin{bmatrix}1 & 2\\\\ 3 & 4\\end{bmatrix}", True),
+        ("\\begin{pmatrix}1\\\\-2\\end{pmatrix}", "\\begin{pmatrix}1\\\\ -2\\end{pmatrix}", True),
+        ("\\begin{pmatrix}1\\\\2\\end{pmatrix}", "\\left(\\begin{array}{c}2\\\\1\\end{array}\\right)", False),
+        ("\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}", "\\begin{bmatrix}1 & 2\\\\ 4 & 3\\end{bmatrix}", False),
+    ],
+    "number_notation": [
+        ("3.75", "3,75", True),
+        ("3.75", "3{,}75", True),
+        ("12000", "12,000", True),
+        ("12000", "12{,}000", True),
+        ("1500", "1.5e3", True),
+        ("50\\%", "50", True),
+        ("30", "30^\\circ", True),
+        ("10", "10\\text{ m}", True),
+        ("10\\text{ m}", "10", True),
+        ("10\\text{ cm}", "10 \\text{cm}", True),
+        ("3.75", "3,76", False),
+        ("3, 75", "3,75", True),  # against a list, the comma separates
+        ("3.75", "3, 75", False),
+        ("12000", "12,001", False),
+        ("1500", "1.5e4", False),
+        ("30", "31^\\circ", False),
+    ],
+    "text_answers": [
+        ("\\text{Monday}", "\\text{ monday }", True),
+        ("\\text{yes}", "\\text{Yes}", True),
+        ("1, 2", "1 \\text{ and } 2", True),
+        ("\\text{Monday}", "\\text{Tuesday}", False),
+        ("1, 2", "1 \\text{ and } 3", False),
+    ],
+    "latex_noise": [
+        ("\\frac{1}{2}", "\\dfrac{1}{2}", True),
+        ("\\frac{1}{2}", "\\tfrac12", True),
+        ("12345", "12\\!345", True),
+        ("(1, 2)", "\\left(1,\\,2\\right)", True),
+        ("\\frac{1}{2}", "\\\\frac{1}{2}", True),
+        ("\\sqrt{2}", "so $$\\\\boxed{\\\\sqrt{2}}$$", True),
+        ("\\frac{1}{2}", "so $$\\boxed{\\frac{1}{2}}$$", True),
+        ("7", "The answer is: **7**.", True),
+        ("7", "so the answer is $7$.", True),
+        ("7", "6 + 1 = 7\n#### 7", True),
+        ("\\frac{1}{2}", "\\\\frac{1}{3}", False),
+        ("7", "The answer is: **8**.", False),
+        ("7", "6 + 2 = 8\n#### 8", False),
+    ],
+    "false_positive_guards": [
+        ("(1, 2)", "(2, 1)", False),
+        ("(1, 2, 3)", "(3, 2, 1)", False),
+        ("\\sin x", "\\cos x", False),
+        ("\\sin(2x)", "\\cos(2x)", False),
+        ("[t, t+1]", "[t+1, t]", False),
+        ("10\\text{ cm}", "10\\text{ m}", False),
+        ("10 \\text{ kg}", "10 \\text{ g}", False),
+        ("x^2 + y^2 = 1", "x^2 + y^2 = 2", False),
+        ("y = 2x + 1", "y = 2x + 2", False),
+        # Several boxes at the end are one answer with several parts: listing wrong alternatives beside the gold fails.
+        ("2", "\\boxed{2}, \\boxed{3}", False),
+        ("2", "\\boxed{2} or \\boxed{3}", False),
+        ("2", "x = 2 \\text{ or } x = 3", False),
+    ],
+}
+CATEGORY_ROWS = [(cat, *row) for cat, rows in CATEGORIES.items() for row in rows]
+
+
+@pytest.mark.parametrize("category,gold,prediction,expected", CATEGORY_ROWS,
+                         ids=[f"{r[0]}-{i}" for i, r in enumerate(CATEGORY_ROWS)])
+def test_verify_category_table(category, gold, prediction, expected):
+    assert verify(gold, prediction) is expected, (category, gold, prediction)
+
+
+def test_category_tables_have_both_polarities():
+    for category, rows in CATEGORIES.items():
+        verdicts = {expected for _, _, expected in rows}
+        assert verdicts == ({False} if category == "false_positive_guards" else {True, False}), category
+
+
+def test_decimal_comma_can_be_turned_off():
+    assert math_accuracy("\\boxed{3,75}", "3.75") == 1.0
+    assert math_accuracy("\\boxed{3,75}", "3.75", decimal_comma=False) == 0.0
+    assert math_accuracy("\\boxed{3,75}", "3, 75", decimal_comma=False) == 1.0
+    assert math_accuracy("\\boxed{12,000}", "12000", decimal_comma=False) == 1.0
