@@ -22,13 +22,15 @@ from typing import Any, Protocol
 
 import numpy as np
 
-# The DeepSeek-R1-Zero template (DeepSeek-R1 paper, Table 1); prompt goes where {prompt} is.
+# The DeepSeek-R1-Zero template (DeepSeek-R1 paper, Table 1); prompt goes where {prompt} is, as a sentence (a
+# question keeps its '?', anything else ends in '.'). It ends by opening the think block, so completions start
+# inside it; the format rewards (rewards/format.py) are given the rendered prompt and count that opening <think>.
 R1_ZERO_TEMPLATE = (
     "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
     "The assistant first thinks about the reasoning process in the mind and then provides the user with the answer. "
     "The reasoning process and answer are enclosed within <think> </think> and <answer> </answer> tags, "
     "respectively, i.e., <think> reasoning process here </think> <answer> answer here </answer>. "
-    "User: {prompt}. Assistant: <think>"
+    "User: {prompt} Assistant: <think>"
 )
 TEMPLATES = {"r1_zero": R1_ZERO_TEMPLATE}
 
@@ -105,9 +107,16 @@ def render_prompt(prompt: str, template: str, tokenizer: Any = None, system_prom
         messages.append({"role": "user", "content": prompt})
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     text = TEMPLATES.get(template, template)
+    if template == "r1_zero":
+        prompt = _as_sentence(prompt)
     if "{prompt}" not in text:
         raise DataError(f"template must be one of r1_zero, chat or a string containing {{prompt}}; got {template!r}")
     return text.replace("{prompt}", prompt)
+
+
+def _as_sentence(text: str) -> str:
+    text = text.rstrip()
+    return text if text.endswith((".", "?", "!")) else text + "."
 
 
 def prepare_examples(

@@ -9,7 +9,7 @@ A benchmark number is the mean of the per-problem values.
 
 `evaluate_policy` samples with model.generate (one greedy completion and `num_samples` sampled ones per problem) and
 grades with the reward package: rewards.math.verify for correctness, the strict `format` reward for the
-<think>…</think><answer>…</answer> layout. It returns a summary dict and one record per problem (the completions the
+<think>…</think><answer>…</answer> layout (given the rendered prompt, so a <think> the template opened counts). It returns a summary dict and one record per problem (the completions the
 numbers were computed from).
 """
 
@@ -76,12 +76,14 @@ def final_answer(completion: str) -> str | None:
     return None if answer is None else " ".join(answer.split())
 
 
-def grade(completion: str, gold: str) -> dict[str, Any]:
-    """{'correct', 'formatted', 'answer'} for one completion."""
+def grade(completion: str, gold: str, prompt_text: str = "") -> dict[str, Any]:
+    """{'correct', 'formatted', 'answer'} for one completion; `prompt_text` is the rendered prompt it continues (a
+    <think> the template opened counts towards the format, as in training)."""
     from rewards.format import format_reward
     from rewards.math import verify
 
-    return {"correct": bool(verify(gold, completion)), "formatted": format_reward(completion) == 1.0,
+    return {"correct": bool(verify(gold, completion)),
+            "formatted": format_reward(completion, prompt_text) == 1.0,
             "answer": final_answer(completion)}
 
 
@@ -147,7 +149,7 @@ def evaluate_policy(
         for i, (ids, mask) in enumerate(zip(out.completion_ids.cpu(), out.completion_mask.cpu())):
             text = tokenizer.decode(ids[mask.bool()].tolist(), skip_special_tokens=True)
             rows.append({"text": text, "num_tokens": int(mask.sum()), "finish_reason": out.finish_reasons[i],
-                         **grade(text, chunk[i // G]["answer"])})
+                         **grade(text, chunk[i // G]["answer"], chunk[i // G].get("prompt_text", ""))})
         return rows
 
     was_training = model.training

@@ -257,7 +257,8 @@ class Trainer:
         self.examples, dropped = prepare_examples(
             rows, self.tokenizer, prompt_column=d.prompt_column, answer_column=d.answer_column, template=d.template,
             system_prompt=d.system_prompt, max_prompt_length=d.max_prompt_length)
-        self.columns = sorted({k for k in self.examples[0] if k not in ("prompt_ids", "prompt_text")})
+        # every column a reward may ask for; prompt_text lets the format rewards see a <think> the template opened
+        self.columns = sorted({k for k in self.examples[0] if k != "prompt_ids"})
         self.sampler = PromptSampler(self.examples, r.prompts_per_step, seed=cfg.train.seed, shuffle=d.shuffle,
                                      rank=self.rank, world_size=self.world_size)
         self.eval_examples = None

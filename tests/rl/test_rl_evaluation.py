@@ -12,7 +12,7 @@ from model.config import ModelConfig
 from model.presets import preset
 from model.tokenizer import build_char_tokenizer
 from rl.arithmetic import Difficulty, make_problems
-from rl.data import prepare_examples
+from rl.data import prepare_examples, render_prompt
 from rl.evaluation import evaluate_policy, grade, maj_at_k, majority_index, pass_at_k, summarize
 
 
@@ -67,6 +67,13 @@ def test_grade():
     g = grade("<think>\n1+2=3\n</think>\n<answer>\n3\n</answer>", "4")
     assert g["formatted"] and not g["correct"]
     assert grade("no digits at all", "3")["answer"] is None
+
+
+def test_grade_counts_a_think_the_r1_zero_prompt_opened():
+    prompt_text = render_prompt("What is 1 + 2?", "r1_zero")  # ends "Assistant: <think>"
+    assert grade("\n1+2=3\n</think>\n<answer>\n3\n</answer>", "3", prompt_text)["formatted"]
+    assert not grade("\n1+2=3\n</think>\n3", "3", prompt_text)["formatted"]  # no answer block
+    assert not grade("<think>\n1+2=3\n</think>\n<answer>\n3\n</answer>", "3", prompt_text)["formatted"]  # twice
 
 
 def _sample(correct, answer, formatted=True, num_tokens=10):
