@@ -191,6 +191,14 @@ def collate(examples: list[dict], pad_token_id: int) -> tuple[torch.Tensor, torc
     return input_ids, attention_mask, loss_mask
 
 
+PROGRESS_LINES = 10
+
+
+def progress_line(step: int, total_steps: int, loss: float, elapsed_s: float) -> str:
+    """'sft step 100/1000  loss 1.234  12.3 steps/s' (steps/s over the run so far)."""
+    return f"sft step {step}/{total_steps}  loss {loss:.4g}  {step / max(elapsed_s, 1e-9):.3g} steps/s"
+
+
 def completion_nll(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean NLL over completion tokens, and the per-position log-probs (B, T) of the next token."""
@@ -244,6 +252,9 @@ def train_sft(cfg: SFTConfig) -> Path:
     order_rng = torch.Generator().manual_seed(t.seed)
     order: list[int] = []
     skips = 0
+    # without the console bar (logging.console: false), a line every tenth of the run shows that SFT progresses
+    report_every = None if lg.console else max(1, total_steps // PROGRESS_LINES)
+    t_start = time.perf_counter()
     try:
         for step in range(1, total_steps + 1):
             t0 = time.perf_counter()
@@ -266,6 +277,8 @@ def train_sft(cfg: SFTConfig) -> Path:
             tracker.log({"loss": float(loss.detach()), "grad_norm": norm, "learning_rate": scheduler.get_last_lr()[0],
                          "epoch": (step * t.batch_size) / len(examples),
                          "tokens": float(loss_mask.sum()), "timing/step_s": time.perf_counter() - t0}, step)
+            if report_every and (step % report_every == 0 or step == total_steps):
+                tracker.write(progress_line(step, total_steps, float(loss.detach()), time.perf_counter() - t_start))
         tzmodel.save_model(policy, out_dir)
         tokenizer.save(out_dir)
         tracker.write(f"saved {out_dir}")

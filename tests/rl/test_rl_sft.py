@@ -86,3 +86,14 @@ def test_short_run_lowers_loss_and_writes_a_loadable_model(tmp_path):
     tok = load_tokenizer(out)
     assert model.config.vocab_size == 128 and tok.eos_token_id == 2
     assert (out / "sft_config.yaml").is_file() and (tmp_path / "model" / "config.json").is_file()
+
+
+def test_without_the_console_bar_sft_prints_a_progress_line_every_tenth_of_the_run(tmp_path, capsys):
+    cfg = load_sft_config(_recipe(tmp_path, train={"max_steps": 20}))  # console: false
+    out = train_sft(cfg)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("sft step")]
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # 20 steps // 10 lines = every 2nd step; each line shows the loss logged at that step
+    assert [line.split()[2] for line in lines] == [f"{s}/20" for s in range(2, 21, 2)]
+    assert [line.split()[4] for line in lines] == [f"{losses[s - 1]:.4g}" for s in range(2, 21, 2)]
+    assert all(line.endswith("steps/s") for line in lines)
