@@ -14,8 +14,8 @@
   when two answers are equal
     text         same after normalisation (case, spaces, \\text{}, \\left/\\right, \\! \\, $, trailing period)
     numbers      exact rationals: 1,234 = 12{,}345-style thousands; 0.5 = 1/2 = \\dfrac12; 1.5e3 = 1500; a decimal
-                 comma (3,75 = 3{,}75 = 3.75, not three digits after it) only against a single number: against the
-                 list `3, 75` it separates (decimal_comma=False: never a decimal)
+                 comma in a prediction (3,75 = 3{,}75 = 3.75, not three digits after it) only against a single gold
+                 number; a gold `2,5` is the list 2, 5 (decimal_comma=False: never a decimal)
     decimals     may approximate a value without a finite expansion to 1e-6 relative (0.3333333 = 1/3,
                  1.41421356 = \\sqrt2; 0.333 != 1/3, 3.14 != \\pi); a value with one must match exactly
                  (0.7500001 != 3/4); irrational values otherwise compare as floats to 1e-9 relative
@@ -503,14 +503,11 @@ def answers_equal(gold: str, prediction: str, decimal_comma: bool = True) -> boo
     g_units, p_units = _units(gold), _units(prediction)
     if g_units and p_units and g_units != p_units:
         return False
-    if decimal_comma:  # `3,75` is 3.75 only against a single number: against `3, 75` it is a list
-        for a, b in ((gold, prediction), (prediction, gold)):
-            reading = _decimal_comma(b)
-            parsed = _parse(a)
-            if reading is not None and parsed is not None and parsed[0] not in _STRUCTURE:
-                if a is gold:
-                    return answers_equal(gold, reading, False)
-                return answers_equal(reading, prediction, False)
+    if decimal_comma:  # a predicted `3,75` is 3.75 only against a single number: against `3, 75` it is a list
+        reading = _decimal_comma(prediction)
+        parsed = _parse(gold)
+        if reading is not None and parsed is not None and parsed[0] not in _STRUCTURE:
+            return answers_equal(gold, reading, False)
     g, p = _parse(gold), _parse(prediction)
     if g is None or p is None:
         return False

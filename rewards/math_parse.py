@@ -57,7 +57,7 @@ _UNICODE = {
 _UNICODE_RE = re.compile("|".join(map(re.escape, _UNICODE)))
 # LaTeX spacing and sizing that carries no meaning for the value.
 _DROP_RE = re.compile(
-    r"(?<!\\)(?:\\left\b|\\right\b|\\big+[lr]?\b|\\Big+[lr]?\b|\\displaystyle\b|\\!|\\;|\\:|\\ |\\quad\b|\\qquad\b"
+    r"(?<!\\)(?:\\left\.|\\right\.|\\left\b|\\right\b|\\big+[lr]?\b|\\Big+[lr]?\b|\\displaystyle\b|\\!|\\;|\\:|\\ |\\quad\b|\\qquad\b"
     r"|\^\s*\{\s*\\circ\s*\}|\^\s*\\circ\b|\\circ\b|\\degree\b|\\\$|\$|~|\\,)"
 )
 # 1,234,567 / 1{,}234 / 1\,234 -> 1234567 (a thousands separator: groups of exactly three digits).

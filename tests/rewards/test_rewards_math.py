@@ -379,6 +379,8 @@ CATEGORIES = {
         ("3.75", "3,76", False),
         ("3, 75", "3,75", True),  # against a list, the comma separates
         ("3.75", "3, 75", False),
+        ("2,5", "2.5", False),  # a gold `2,5` is two answers
+        ("2,5", "\\boxed{5}, \\boxed{2}", True),
         ("12000", "12,001", False),
         ("1500", "1.5e4", False),
         ("30", "31^\\circ", False),
@@ -395,6 +397,7 @@ CATEGORIES = {
         ("\\frac{1}{2}", "\\tfrac12", True),
         ("12345", "12\\!345", True),
         ("(1, 2)", "\\left(1,\\,2\\right)", True),
+        ("\\frac{1}{2}", "\\left.\\frac{1}{2}\\right.", True),
         ("\\frac{1}{2}", "\\\\frac{1}{2}", True),
         ("\\sqrt{2}", "so $$\\\\boxed{\\\\sqrt{2}}$$", True),
         ("\\frac{1}{2}", "so $$\\boxed{\\frac{1}{2}}$$", True),
