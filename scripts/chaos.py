@@ -22,6 +22,7 @@ The recipe is built here (a `tiny` random model, arithmetic prompts), so the scr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -116,8 +117,15 @@ def free_port() -> int:
 
 
 def send(proc: subprocess.Popen, sig: int, processes: int) -> None:
-    """SIGINT goes to the whole process group (a Ctrl-C); SIGTERM and SIGKILL to the trainer, or under a launcher to
-    all of its group (a scheduler signals every process of the job)."""
+    """SIGINT goes to the whole process group (a Ctrl-C); SIGTERM and SIGKILL to the trainer. Under a launcher, SIGINT
+    and SIGTERM go to its group (it forwards them to the trainers), SIGKILL to it and to each trainer, which the
+    launcher starts in sessions of their own (as a node's OOM killer or a preemption would leave nothing running)."""
+    if processes > 1 and sig == signal.SIGKILL:
+        trainers = subprocess.run(["ps", "-o", "pid=", "--ppid", str(proc.pid)], check=False, capture_output=True,
+                                  text=True).stdout.split()
+        for pid in trainers:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(int(pid), sig)  # the trainer and its reward workers
     if sig == signal.SIGINT or processes > 1:
         os.killpg(proc.pid, sig)
     else:
@@ -207,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=10, help="kill-and-resume runs")
     parser.add_argument("--phase-kills", type=int, default=len(PHASE_KILLS),
                         help="how many of the runs kill at a named phase (the rest at random wall-clock times)")
+    parser.add_argument("--phase-offset", type=int, default=0,
+                        help=f"start the phase kills at this entry of {', '.join(PHASE_KILLS)} (4 = the signals)")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--save-every", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=12)
@@ -244,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         exact = 0
         for i in range(args.runs):
             out = workdir / f"run{i:02d}"
-            kill_at = PHASE_KILLS[i % len(PHASE_KILLS)].format(**fills) if i < args.phase_kills else None
+            kill_at = PHASE_KILLS[(i + args.phase_offset) % len(PHASE_KILLS)].format(**fills) if i < args.phase_kills else None
             delay = None if kill_at else rng.uniform(0.15, 0.95) * ref_s
             sig = RANDOM_SIGNALS[(i - args.phase_kills) % len(RANDOM_SIGNALS)] if delay is not None else None
             with open(workdir / f"run{i:02d}.log", "w") as log:
