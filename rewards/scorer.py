@@ -9,7 +9,11 @@
 
 Isolation. Functions run in `num_workers` processes started with the 'spawn' method (never 'fork': the trainer may
 hold threads, CUDA contexts or process groups). Each call has a wall-clock timeout measured by the parent process,
-which waits on pipes — no signals — so it works from any thread. A worker that overruns is killed and replaced. A call
+which waits on pipes — no signals — so it works from any thread. A worker that overruns is killed and replaced. Once
+a function has overrun in a `score` call, all its remaining calls there share one deadline `timeout_s` later (calls
+still unstarted then are not run), so a function that always hangs costs about 2 x `timeout_s` per call of `score`,
+not `timeout_s` per sample. A function whose every call timed out in `max_consecutive_timeouts` `score` calls in a row
+is disabled (one `RewardWarning`; listed in `Scorer.disabled`; its samples score `None`, so the fallback). A call
 that raises, times out, returns a non-finite number or a non-number, or (batched) a list of the wrong length, or kills
 its worker, is a *failure*: that sample scores `None` in `per_function`, `fallback` in the total, is counted in
 `failures[name][kind]`, and the first failure of each (function, kind) raises a `RewardWarning`.
@@ -191,6 +195,15 @@ class _Pool:
         w.kill()
         self.workers[self.workers.index(w)] = _Worker(self.ctx, self.refs)
 
+    def _deadline(self, w: _Worker, fn_deadline: dict[int, float]) -> float:
+        """When the call `w` is running times out: its own timeout, or its function's shared one if sooner."""
+        started = w.progress[1]
+        if started == _IDLE:
+            return _IDLE
+        items = w.task[1]
+        fn_index = items[min(int(w.progress[0]), len(items) - 1)][0]  # the index may lag a new task for a moment
+        return min(started + self.timeout_s, fn_deadline.get(fn_index, math.inf))
+
     def run(self, tasks: list[list]) -> tuple[dict, list]:
         """Run tasks (lists of items). Returns ({task_id: results}, lost) where lost holds
         (task_id, item_index, kind, message) for items that timed out or crashed their worker."""
@@ -211,21 +224,46 @@ class _Pool:
                 next_id += 1
             return base, (idx[skip] if skip is not None else None)
 
+        # A function that overran once gets timeout_s more, shared by all its remaining calls in this run: a
+        # function that always hangs costs about 2 * timeout_s per batch, not timeout_s per sample.
+        fn_deadline: dict[int, float] = {}
+
+        def without_expired(task_id, items):
+            """The task less the calls whose function is out of time (recorded as lost); None if nothing is left."""
+            now = time.monotonic()
+            expired = {j for j, item in enumerate(items) if fn_deadline.get(item[0], math.inf) <= now}
+            if not expired:
+                return task_id, items
+            nonlocal next_id
+            base, idx = origin.get(task_id, (task_id, list(range(len(items)))))
+            lost.extend((base, idx[j], "timeout", f"not run: its function already overran by {self.timeout_s:g} s "
+                         "in this batch") for j in sorted(expired))
+            keep = [j for j in range(len(items)) if j not in expired]
+            if not keep:
+                return None
+            origin[next_id] = (base, [idx[j] for j in keep])
+            next_id += 1
+            return next_id - 1, [items[j] for j in keep]
+
         while pending or any(w.task is not None for w in self.workers):
             for w in self.workers:
-                if w.ready and w.task is None and pending:
-                    w.task = pending.popleft()
-                    try:
-                        w.conn.send(w.task)
-                    except (BrokenPipeError, OSError):
-                        pending.appendleft(w.task)
-                        w.task = None
-                        self._replace(w)
+                if not (w.ready and w.task is None):
+                    continue
+                while w.task is None and pending:
+                    w.task = without_expired(*pending.popleft())
+                if w.task is None:
+                    continue
+                try:
+                    w.conn.send(w.task)
+                except (BrokenPipeError, OSError):
+                    pending.appendleft(w.task)
+                    w.task = None
+                    self._replace(w)
             now = time.monotonic()
             deadline = now + 1.0
             for w in self.workers:
                 if w.task is not None:
-                    deadline = min(deadline, w.progress[1] + self.timeout_s)
+                    deadline = min(deadline, self._deadline(w, fn_deadline))
             waitables = [w.conn for w in self.workers] + [w.process.sentinel for w in self.workers]
             connection.wait(waitables, timeout=max(0.0, deadline - now) + 0.005)
 
@@ -265,11 +303,12 @@ class _Pool:
                                          f"the worker process died (exit code {w.process.exitcode})"))
                     self._replace(w)
                     continue
-                if w.task is not None:
+                if w.task is not None and w.progress[1] != _IDLE:
                     k = int(w.progress[0])
-                    started = w.progress[1]
-                    if started != _IDLE and time.monotonic() - started > self.timeout_s:
+                    now = time.monotonic()
+                    if now > self._deadline(w, fn_deadline):
                         task_id, items = w.task
+                        fn_deadline.setdefault(items[k][0], now + self.timeout_s)
                         base, item = requeue(task_id, items, k)
                         lost.append((base, item, "timeout", f"took longer than {self.timeout_s:g} s"))
                         self._replace(w)
@@ -303,12 +342,14 @@ class Scorer:
     """Weighted, isolated scoring of completions. See the module docstring for the failure rules."""
 
     def __init__(self, specs, num_workers: int | None = None, timeout_s: float = 10.0, fallback: float = 0.0, *,
-                 columns=None, start_method: str = "spawn"):
+                 columns=None, start_method: str = "spawn", max_consecutive_timeouts: int = 3):
         specs = [s if isinstance(s, RewardSpec) else RewardSpec.from_dict(s) for s in specs]
         if not specs:
             raise ValueError("Scorer needs at least one reward spec")
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+        if max_consecutive_timeouts < 1:
+            raise ValueError(f"max_consecutive_timeouts must be >= 1, got {max_consecutive_timeouts}")
         if not math.isfinite(fallback):
             raise ValueError(f"fallback must be a finite number, got {fallback}")
         for s in specs:
@@ -327,6 +368,9 @@ class Scorer:
         if duplicates:
             raise ValueError(f"reward(s) {', '.join(duplicates)} listed more than once; give each an `alias`")
         self._warned: set[tuple[str, str]] = set()
+        self.max_consecutive_timeouts = max_consecutive_timeouts
+        self._timeout_streak = [0] * len(specs)  # score() calls in a row in which every call of a function timed out
+        self.disabled: set[str] = set()  # names of functions switched off for good; their samples score None
         if num_workers is None:
             num_workers = min(os.cpu_count() or 1, 8)
         self.num_workers = num_workers
@@ -373,7 +417,7 @@ class Scorer:
             facts["num_tokens"] = [len(ids) for ids in facts["completion_ids"]]
         self._check_inputs(n, columns, facts)
         # raw[f][i]: ('ok', value) or ('fail', kind, message)
-        raw = [[None] * n for _ in self.entries]
+        raw = [[("ok", None) if name in self.disabled else None] * n for name in self.names]
         if n:
             tasks, where = self._tasks(n, completions, columns, facts)
             if self._pool is None:
@@ -389,13 +433,33 @@ class Scorer:
                     else:
                         for i in samples:
                             raw[fi][i] = out
-        return self._assemble(raw, n)
+        result = self._assemble(raw, n)
+        self._disable_hung(result, n)
+        return result
+
+    def _disable_hung(self, result: ScoreResult, n: int):
+        """A function whose every call timed out in max_consecutive_timeouts score() calls in a row is disabled."""
+        for fi, name in enumerate(self.names):
+            if name in self.disabled or not n:
+                continue
+            all_timed_out = result.failures[name]["timeout"] == n
+            self._timeout_streak[fi] = self._timeout_streak[fi] + 1 if all_timed_out else 0
+            if self._timeout_streak[fi] >= self.max_consecutive_timeouts:
+                self.disabled.add(name)
+                warnings.warn(
+                    f"REWARD {name!r} DISABLED for the rest of the run: every call timed out (> {self.timeout_s:g} s) "
+                    f"in {self._timeout_streak[fi]} scorings in a row (rewards.max_consecutive_timeouts="
+                    f"{self.max_consecutive_timeouts}); its samples now score the fallback {self.fallback:g}.",
+                    RewardWarning, stacklevel=3,
+                )
 
     def _tasks(self, n, completions, columns, facts):
         """Batched functions get one call each; per-sample calls are chunked over the workers."""
         tasks, where = [], []
         per_sample = []
         for fi, (entry, binding) in enumerate(zip(self.entries, self.bindings)):
+            if self.names[fi] in self.disabled:
+                continue
             if entry.batched:
                 idx = list(range(n))
                 kw = self._kwargs(binding, True, idx, completions, columns, facts)

@@ -113,7 +113,8 @@ class RewardsSection:
     )
     modules: list[str] = field(default_factory=list)  # user modules (import path or .py file) that register rewards
     num_workers: int = 1  # 0 = score in-process
-    timeout_s: float = 10.0
+    timeout_s: float = 10.0  # per call; the calls of a function that overran share timeout_s more per step
+    max_consecutive_timeouts: int = 3  # steps in a row with every call of a function timed out -> disable it
     fallback: float = 0.0  # score for a sample whose function raised or timed out
 
 
@@ -562,8 +563,14 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
     for i, fn in enumerate(rw.functions):
         need(bool(fn.name), f"rewards.functions.{i}.name is required")
         need(math.isfinite(fn.weight), f"rewards.functions.{i}.weight must be finite; got {fn.weight}")
+        for key in fn.params:
+            need(not is_secret_key(key),
+                 f"rewards.functions.{i}.params.{key}: looks like a secret, and secrets are never read from recipes "
+                 "or overrides; set it in the environment and read it inside the reward function")
     need(rw.num_workers >= 0, f"rewards.num_workers must be >= 0 (0 = in-process); got {rw.num_workers}")
     need(rw.timeout_s > 0, f"rewards.timeout_s must be > 0; got {rw.timeout_s}")
+    need(rw.max_consecutive_timeouts >= 1,
+         f"rewards.max_consecutive_timeouts must be >= 1; got {rw.max_consecutive_timeouts}")
 
     need(o.lr > 0, f"optim.lr must be > 0; got {o.lr}")
     need(o.weight_decay >= 0, f"optim.weight_decay must be >= 0; got {o.weight_decay}")

@@ -274,6 +274,7 @@ class Trainer:
         self.scorer = tzrewards.Scorer(
             [{"name": f.name, "weight": f.weight, "params": f.params} for f in cfg.rewards.functions],
             num_workers=cfg.rewards.num_workers, timeout_s=cfg.rewards.timeout_s, fallback=cfg.rewards.fallback,
+            max_consecutive_timeouts=cfg.rewards.max_consecutive_timeouts,
             columns=self.columns + ["prompt", "completion_ids", "num_tokens", "finish_reason"])
         self.sampling = SamplingParams(
             max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
@@ -548,6 +549,7 @@ class Trainer:
                 max(0, P_local - sum(len(p[3]) for p in kept)))
         for name, count in self.reward_failures.items():
             metrics[f"rewards/{name}/failures"] = float(count)
+            metrics[f"rewards/{name}/disabled"] = float(name in self.scorer.disabled)
         step = StepBatch(rollout=batch, advantages=advantages.to(self.device), rewards=rewards,
                          per_function=per_function, texts=texts, examples=examples_per_row)
         t_logprobs = time.perf_counter()

@@ -150,6 +150,47 @@ def test_timeout_works_off_the_main_thread(scorer):
     assert out["r"].per_function["test_sleeps"][1] == 1.0
 
 
+@reward("test_always_hangs")
+def always_hangs(completion: str) -> float:
+    time.sleep(3600)
+    return 1.0
+
+
+def test_a_function_that_always_hangs_costs_about_two_timeouts_per_call_then_is_disabled():
+    # One worker, 8 samples, timeout 1 s: one call per sample would wait 8 s; the shared deadline ends it after ~2 s
+    # (plus a worker restart). After max_consecutive_timeouts=2 all-timeout scorings the function is off.
+    specs = [RewardSpec("test_always_hangs"), RewardSpec("test_exact")]
+    completions, answers = ["a"] * 8, ["a"] * 8
+    with Scorer(specs, num_workers=1, timeout_s=1.0, max_consecutive_timeouts=2, columns=["answer"]) as s:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(2):
+                start = time.perf_counter()
+                result = s.score(completions, {"answer": answers})
+                assert time.perf_counter() - start < 2 * 1.0 + 3.0  # 2 x timeout_s + a worker restart or two
+                assert result.failures["test_always_hangs"] == {"timeout": 8}
+                assert result.per_function["test_exact"] == [1.0] * 8  # the healthy function still scores
+        disabled = [w for w in caught if "DISABLED" in str(w.message)]
+        assert len(disabled) == 1 and "'test_always_hangs'" in str(disabled[0].message)
+        assert s.disabled == {"test_always_hangs"}
+        start = time.perf_counter()
+        result = s.score(completions, {"answer": answers})
+        assert time.perf_counter() - start < 1.0  # the hung function is no longer called
+        assert result.per_function["test_always_hangs"] == [None] * 8
+        assert sum(result.failures["test_always_hangs"].values()) == 0
+        assert result.total == [1.0] * 8  # fallback 0 + exact 1
+
+
+def test_one_hung_sample_does_not_disable_or_cost_the_others(scorer):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(4):  # more than max_consecutive_timeouts (3): one hang among finished calls resets the streak
+            result = scorer.score(["hang", "ok", "ok", "ok"], {"answer": ["", "", "", ""]})
+            assert result.failures["test_sleeps"] == {"timeout": 1}
+            assert result.per_function["test_sleeps"][1:] == [1.0, 1.0, 1.0]
+    assert not scorer.disabled
+
+
 def test_many_samples_spread_over_workers(scorer):
     n = 256
     completions = [str(i) for i in range(n)]
