@@ -263,7 +263,7 @@ def test_unusable_signatures():
         reward("test_wrong_batched", batched=True)(exact)
     with pytest.raises(TypeError, match=r"needs 'answer', which is not a dataset column \(columns: question\)"):
         Scorer([RewardSpec("test_exact")], num_workers=0, columns=["question"])
-    with pytest.raises(TypeError, match="does not take param\\(s\\) 'strictt'; it takes: strict"):
+    with pytest.raises(TypeError, match="does not take param\\(s\\) 'strictt'; it takes: prompt_text, strict"):
         Scorer([RewardSpec("format", params={"strictt": True})], num_workers=0)
     with pytest.raises(TypeError, match="needs 'max_length'.*or a param of this reward"):
         Scorer([RewardSpec("soft_overlong", params={"buffer": 4})], num_workers=0, columns=["answer"])
