@@ -241,7 +241,11 @@ def read_recipe(path: str | Path, path_keys: tuple[str, ...] = ()) -> dict[str, 
     if not path.is_file():
         raise ConfigError(f"recipe file not found: {path}")
     try:
-        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+        loader = _UniqueKeyLoader(path.read_text())  # a SafeLoader: plain YAML types only
+        try:
+            raw = loader.get_single_data()
+        finally:
+            loader.dispose()
     except _DuplicateKey as e:
         raise ConfigError(f"recipe {path}: {e}") from None
     except yaml.YAMLError as e:
