@@ -143,6 +143,10 @@ class TrainSection:
     # old run's checkpoints are deleted and its metrics.jsonl restarted once the new run has started.
     overwrite_output_dir: bool = False
     eval_every: int = 0  # 0 = never
+    # Seconds a collective (barrier, all-reduce) may wait across processes before the run fails with an error that
+    # names it, instead of hanging a cluster job forever when ranks disagree. Generous: a slow checkpoint write or
+    # ZeRO-3 gather must fit.
+    dist_timeout_s: float = 1800.0
 
 
 @dataclass
@@ -591,6 +595,7 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
     need(t.save_every >= 0, f"train.save_every must be >= 0 (0 = only at the end); got {t.save_every}")
     need(t.keep_last >= 1, f"train.keep_last must be >= 1; got {t.keep_last}")
     need(t.eval_every >= 0, f"train.eval_every must be >= 0 (0 = never); got {t.eval_every}")
+    need(t.dist_timeout_s > 0, f"train.dist_timeout_s must be > 0 seconds; got {t.dist_timeout_s}")
     need(bool(t.output_dir), "train.output_dir is required")
     if t.output_dir and Path(t.output_dir).expanduser().exists() and not Path(t.output_dir).expanduser().is_dir():
         problems.append(f"train.output_dir {t.output_dir!r} is an existing file; it must be a directory (or not exist)")

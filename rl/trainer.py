@@ -27,6 +27,7 @@ collectives. Checkpoints hold a consolidated Hugging Face model directory plus D
 from __future__ import annotations
 
 import contextlib
+import datetime
 import math
 import os
 import random
@@ -72,21 +73,31 @@ class SignalStop(RuntimeError):
     """Training stopped on SIGTERM / SIGINT after saving a checkpoint of the last finished step."""
 
 
-def make_accelerator():
-    """An Accelerator with the right process group: NCCL on GPUs; on CPU with several processes an explicit gloo
-    backend (without it each rank silently believes it is alone); nothing extra in a single process.
+def process_group_kwargs(world_size: int, cuda: bool, timeout_s: float) -> list:
+    """The process-group handler for `world_size` processes: none for one process; otherwise a finite timeout, so a
+    collective that the ranks do not all reach fails with an error instead of hanging, and on CPU an explicit gloo
+    backend (without it each rank silently believes it is alone)."""
+    from accelerate.utils import InitProcessGroupKwargs
+
+    if world_size <= 1:
+        return []
+    timeout = datetime.timedelta(seconds=timeout_s)
+    backend = "nccl" if cuda else "gloo"
+    return [InitProcessGroupKwargs(backend=backend, timeout=timeout)]
+
+
+def make_accelerator(timeout_s: float = 1800.0):
+    """An Accelerator with the right process group (see process_group_kwargs): NCCL on GPUs, gloo on CPU.
 
     Plain DDP on CPU also needs `cpu=True`: `accelerate launch` with a MULTI_GPU config starts the processes but does
     not pass the config's `use_cpu` on to them, and without it accelerate reports distributed_type NO (no DDP wrapper,
     barriers that do nothing). DeepSpeed must not get `cpu=True` (accelerate would then drop DeepSpeed)."""
     from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
 
     _resolve_deepspeed_config_file()
-    handlers, cpu = [], False
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
-        handlers.append(InitProcessGroupKwargs(backend="gloo"))
-        cpu = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true"
+    world_size, cuda = int(os.environ.get("WORLD_SIZE", "1")), torch.cuda.is_available()
+    handlers = process_group_kwargs(world_size, cuda, timeout_s)
+    cpu = world_size > 1 and not cuda and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true"
     return Accelerator(cpu=cpu, kwargs_handlers=handlers)
 
 
@@ -164,7 +175,7 @@ class StepBatch:
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.accelerator = make_accelerator()
+        self.accelerator = make_accelerator(cfg.train.dist_timeout_s)
         acc = self.accelerator
         self.device = acc.device
         self.world_size = acc.num_processes

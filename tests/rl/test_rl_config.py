@@ -131,6 +131,7 @@ def test_invalid_choices_list_the_choices(override, message):
          "rewards.functions.0.params.api_key: looks like a secret, and secrets are never read from recipes"),
         (["optim.betas=[0.9]"], "optim.betas must be two numbers in [0, 1)"),
         (["train.eval_every=10"], "train.eval_every > 0 needs data.eval_split"),
+        (["train.dist_timeout_s=0"], "train.dist_timeout_s must be > 0 seconds; got 0"),
         (["model.name_or_path=./no/such/model"], "model.name_or_path: path './no/such/model' does not exist"),
         (["data.source=/no/such/train.jsonl"], "data.source: path '/no/such/train.jsonl' does not exist"),
         (["model.name_or_path="], "model.name_or_path is required"),

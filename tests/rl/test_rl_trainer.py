@@ -277,3 +277,17 @@ def test_adamw_is_fused_and_takes_the_plain_update():
     for p, q, p0 in zip(params, twins, start):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
         assert not torch.equal(p, p0)
+
+
+def test_process_group_has_a_finite_timeout_and_the_right_backend():
+    # One process needs no group; several get gloo on CPU, NCCL on GPU, and the recipe's timeout either way, so a
+    # collective the ranks do not all reach fails instead of hanging (issue 19).
+    import datetime
+
+    from rl.trainer import process_group_kwargs
+
+    assert process_group_kwargs(1, cuda=False, timeout_s=60) == []
+    (cpu,) = process_group_kwargs(2, cuda=False, timeout_s=60)
+    assert (cpu.backend, cpu.timeout) == ("gloo", datetime.timedelta(seconds=60))
+    (gpu,) = process_group_kwargs(8, cuda=True, timeout_s=90.5)
+    assert (gpu.backend, gpu.timeout) == ("nccl", datetime.timedelta(seconds=90.5))
