@@ -177,8 +177,17 @@ GRPO_RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if "accelera
 
 @pytest.mark.parametrize("recipe", GRPO_RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_shipped_grpo_recipes_parse(recipe):
+    # Beyond parsing (validate already checks the shapes): every reward the recipe names resolves and accepts the
+    # recipe's params, and a non-chat template puts the question into the prompt.
+    from rewards import registry
+    from rl.data import render_prompt
+
     cfg = load_config(recipe, check_paths=False)
-    assert cfg.rollout.batch_size % cfg.rollout.num_generations == 0
+    for spec in cfg.rewards.functions:
+        entry = registry.resolve(spec.name)
+        registry.bind(entry, dict(spec.params or {}))
+    if cfg.data.template != "chat":
+        assert "What is 2 + 3?" in render_prompt("What is 2 + 3?", cfg.data.template)
 
 
 def test_dynamic_sampling_keeps_only_informative_groups(tmp_path):
