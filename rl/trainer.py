@@ -86,7 +86,7 @@ def process_group_kwargs(world_size: int, cuda: bool, timeout_s: float) -> list:
     return [InitProcessGroupKwargs(backend=backend, timeout=timeout)]
 
 
-def make_accelerator(timeout_s: float = 1800.0):
+def make_accelerator(timeout_s: float):
     """An Accelerator with the right process group (see process_group_kwargs): NCCL on GPUs, gloo on CPU.
 
     Plain DDP on CPU also needs `cpu=True`: `accelerate launch` with a MULTI_GPU config starts the processes but does
