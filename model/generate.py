@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model.cache import LatentCache
+from thinkzero.model.cache import LatentCache
 
 # How many tokens past the longest stop string (in characters) we re-decode each step. A token almost always
 # decodes to at least one character; the slack covers tokens that decode to nothing (partial UTF-8, specials).

@@ -8,7 +8,7 @@ completion that repeats the <think> then has it twice. Prefilling the tag (rathe
 
 import re
 
-from rewards.registry import reward
+from thinkzero.rewards.registry import reward
 
 _STRICT_RE = re.compile(r"<think>\n(.*?)\n</think>\n<answer>\n(.*?)\n</answer>\n?", re.DOTALL)
 _SOFT_RE = re.compile(r"<think>(.*?)</think>\s*<answer>(.*?)</answer>", re.DOTALL)

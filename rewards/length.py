@@ -2,8 +2,8 @@
 
 import math
 
-from rewards.math import gold_answer, verify
-from rewards.registry import reward
+from thinkzero.rewards.math import gold_answer, verify
+from thinkzero.rewards.registry import reward
 
 
 @reward("cosine_length")

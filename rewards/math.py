@@ -47,8 +47,8 @@ import re
 from fractions import Fraction
 from functools import lru_cache
 
-from rewards import math_parse as mp
-from rewards.registry import reward
+from thinkzero.rewards import math_parse as mp
+from thinkzero.rewards.registry import reward
 
 DECIMAL_REL_TOL = 1e-6
 FLOAT_REL_TOL = 1e-9

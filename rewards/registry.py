@@ -92,7 +92,7 @@ def _entry(fn: Callable, name: str, batched: bool) -> RewardFn:
 
 def _builtins_loaded() -> None:
     # Built-ins register themselves when their modules are imported (the package __init__ does that).
-    import rewards  # noqa: F401
+    import thinkzero.rewards  # noqa: F401
 
 
 def list_rewards() -> list[str]:

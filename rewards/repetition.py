@@ -1,6 +1,6 @@
 """N-gram repetition penalty."""
 
-from rewards.registry import reward
+from thinkzero.rewards.registry import reward
 
 
 @reward("repetition")

@@ -40,7 +40,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from multiprocessing import connection, get_context
 
-from rewards import registry
+from thinkzero.rewards import registry
 
 FAILURE_KINDS = ("exception", "timeout", "non_finite", "wrong_type", "wrong_length", "crash")
 _IDLE = 1e300  # progress start time of a worker that is not running a call

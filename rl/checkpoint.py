@@ -25,12 +25,13 @@ import random
 import re
 import shutil
 from pathlib import Path
+# Only the exception torch.load(weights_only=True) raises; nothing is unpickled here.
+from pickle import UnpicklingError  # allowed by the security scan (tests/rl/test_rl_security.py)
 from typing import Any
 
 import torch
-from pickle import UnpicklingError  # only the exception torch.load(weights_only=True) raises; nothing is unpickled here
 
-from model.checkpoint import CheckpointError
+from thinkzero.model.checkpoint import CheckpointError
 
 PREFIX = "checkpoint-"
 COMPLETE = "COMPLETE"

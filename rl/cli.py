@@ -4,9 +4,9 @@ without a traceback (set THINKZERO_TRACEBACK=1 to see it anyway)."""
 import os
 import sys
 
-from model.checkpoint import CheckpointError
-from rl.config import ConfigError
-from rl.data import DataError
+from thinkzero.model.checkpoint import CheckpointError
+from thinkzero.rl.config import ConfigError
+from thinkzero.rl.data import DataError
 
 # User errors: what the user gave us is wrong, and the message says what and where. These three exist only for that,
 # wherever they are raised.

@@ -73,6 +73,29 @@ class RolloutSection:
     top_k: int = 0  # 0 = off
     stop_strings: list[str] = field(default_factory=lambda: ["</answer>"])
     ignore_eos: bool = False  # EOS does not end a completion (fixed-length rollouts for benchmarks)
+    engine: Literal["thinkzero", "vllm"] = "thinkzero"  # who samples: our engine, or a colocated vLLM per process
+    vllm: VLLMSection = field(default_factory=lambda: VLLMSection())
+
+
+@dataclass
+class VLLMSection:
+    gpu_memory_utilization: float = 0.3  # share of GPU memory vLLM may take (on CPU: of host memory)
+    enable_sleep_mode: bool = False  # release vLLM's weights and KV cache while the update runs (CUDA only)
+    tensor_parallel_size: int = 1  # GPUs one vLLM engine spans
+    cpu_kv_cache_space_gib: float = 1.0  # VLLM_CPU_KVCACHE_SPACE on CPU machines
+    max_model_len: int | None = None  # None: longest prompt + rollout.max_new_tokens
+    enforce_eager: bool = True  # no CUDA graphs (they cost start-up time and memory)
+
+
+@dataclass
+class RolloutCorrectionSection:
+    """Train-inference mismatch correction (Yao et al. 2025): the rollout engine's log-probs differ from the trainer's,
+    so each token is reweighted by min(pi_old / pi_rollout, cap) (tis) or dropped when the ratio leaves
+    [1 / cap, cap] (mis), per token or per sequence (the product of the sequence's token ratios)."""
+
+    mode: Literal["none", "tis", "mis"] = "none"
+    level: Literal["token", "sequence"] = "token"
+    cap: float = 2.0
 
 
 @dataclass
@@ -97,6 +120,7 @@ class AlgorithmSection:
     max_extra_draws: int = 4  # bound on extra prompt batches drawn per step by dynamic sampling
     mask_truncated_completions: bool = False  # completions that hit max_new_tokens get no loss
     moe: MoESection = field(default_factory=MoESection)
+    rollout_correction: RolloutCorrectionSection = field(default_factory=RolloutCorrectionSection)
 
 
 @dataclass
@@ -506,7 +530,7 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
                 problems.append(f"{key}: path {value!r} does not exist")
 
     if m.init_preset is not None:
-        from model.presets import PRESETS
+        from thinkzero.model.presets import PRESETS
 
         need(m.init_preset in PRESETS,
              f"model.init_preset must be one of {', '.join(sorted(PRESETS))} or null; got {m.init_preset!r}")
@@ -547,6 +571,15 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
     need(r.temperature >= 0, f"rollout.temperature must be >= 0; got {r.temperature}")
     need(0 < r.top_p <= 1, f"rollout.top_p must be in (0, 1]; got {r.top_p}")
     need(r.top_k >= 0, f"rollout.top_k must be >= 0 (0 = off); got {r.top_k}")
+    v = r.vllm
+    need(0 < v.gpu_memory_utilization <= 1,
+         f"rollout.vllm.gpu_memory_utilization must be in (0, 1]; got {v.gpu_memory_utilization}")
+    need(v.tensor_parallel_size >= 1, f"rollout.vllm.tensor_parallel_size must be >= 1; got {v.tensor_parallel_size}")
+    need(v.cpu_kv_cache_space_gib > 0, f"rollout.vllm.cpu_kv_cache_space_gib must be > 0; got {v.cpu_kv_cache_space_gib}")
+    need(v.max_model_len is None or v.max_model_len >= 2,
+         f"rollout.vllm.max_model_len must be >= 2 or null; got {v.max_model_len}")
+    rc = cfg.algorithm.rollout_correction
+    need(rc.cap > 1, f"algorithm.rollout_correction.cap must be > 1; got {rc.cap}")
 
     need(0 < a.epsilon < 1, f"algorithm.epsilon must be in (0, 1) (lower clip 1 - epsilon > 0); got {a.epsilon}")
     need(a.epsilon_high is None or a.epsilon_high > 0,

@@ -67,7 +67,7 @@ _NUMBER_RE = re.compile(r"-?\d+(?:\.\d+)?")
 
 def final_answer(completion: str) -> str | None:
     """The answer a completion commits to, for voting: the <answer>/\\boxed one, else its last number."""
-    from rewards.math import extract_answer
+    from thinkzero.rewards.math import extract_answer
 
     answer = extract_answer(completion)
     if answer is None:
@@ -79,8 +79,8 @@ def final_answer(completion: str) -> str | None:
 def grade(completion: str, gold: str, prompt_text: str = "") -> dict[str, Any]:
     """{'correct', 'formatted', 'answer'} for one completion; `prompt_text` is the rendered prompt it continues (a
     <think> the template opened counts towards the format, as in training)."""
-    from rewards.format import format_reward
-    from rewards.math import verify
+    from thinkzero.rewards.format import format_reward
+    from thinkzero.rewards.math import verify
 
     return {"correct": bool(verify(gold, completion)),
             "formatted": format_reward(completion, prompt_text) == 1.0,
@@ -131,7 +131,7 @@ def evaluate_policy(
     gold answer, greedy completion and samples, each with its text, token count, finish reason and grades."""
     import torch
 
-    from model.generate import SamplingParams, generate
+    from thinkzero.model.generate import SamplingParams, generate
 
     eos = tuple(i for i in (tokenizer.eos_token_id,) if i is not None)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from model.generate import SamplingParams, generate
+from thinkzero.model.generate import SamplingParams, generate
 
 
 @dataclass

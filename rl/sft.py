@@ -22,11 +22,18 @@ from typing import Any, Literal
 import torch
 import yaml
 
-from rl.config import (NAMED_TEMPLATES, ConfigError, LoggingSection, OptimSection, _build, read_recipe,
-                       strip_secrets)
-from rl.data import DataError, load_rows, render_prompt
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from thinkzero.model.checkpoint import DTYPES
+from thinkzero.rl.config import (
+    NAMED_TEMPLATES,
+    ConfigError,
+    LoggingSection,
+    OptimSection,
+    _build,
+    read_recipe,
+    strip_secrets,
+)
+from thinkzero.rl.data import DataError, load_rows, render_prompt
+from thinkzero.rl.optim import adamw, lr_lambda, seed_everything
 
 
 @dataclass
@@ -114,7 +121,7 @@ def validate_sft(cfg: SFTConfig) -> None:
              f"model.name_or_path: {m.name_or_path!r} has no config.json (set model.init_preset to start from a "
              "random-init model)")
     if m.init_preset is not None:
-        from model.presets import PRESETS
+        from thinkzero.model.presets import PRESETS
 
         need(m.init_preset in PRESETS, f"model.init_preset must be one of {', '.join(sorted(PRESETS))} or null; "
                                        f"got {m.init_preset!r}")
@@ -212,9 +219,8 @@ def completion_nll(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
 
 def train_sft(cfg: SFTConfig) -> Path:
     """Runs SFT and writes the model + tokenizer to cfg.train.output_dir; returns that directory."""
-    import model as tzmodel
-    from rl.tracking import Tracker
-    from rl.trainer import adamw, lr_lambda, seed_everything
+    import thinkzero.model as tzmodel
+    from thinkzero.rl.tracking import Tracker
 
     m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
     seed_everything(t.seed)
@@ -222,7 +228,7 @@ def train_sft(cfg: SFTConfig) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "sft_config.yaml").write_text(yaml.safe_dump(sft_config_to_dict(cfg), sort_keys=False))
     if m.init_preset and not (Path(m.name_or_path) / "config.json").is_file():
-        from model.presets import write_random_model
+        from thinkzero.model.presets import write_random_model
 
         write_random_model(m.init_preset, m.name_or_path, seed=t.seed)
     tokenizer = tzmodel.load_tokenizer(m.tokenizer or m.name_or_path)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from rl.config import is_secret_key, strip_secrets
+from thinkzero.rl.config import is_secret_key, strip_secrets
 
 METRICS_FILE = "metrics.jsonl"
 COMPLETIONS_FILE = "completions.jsonl"

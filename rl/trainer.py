@@ -30,7 +30,6 @@ import contextlib
 import datetime
 import math
 import os
-import random
 import shutil
 import time
 import warnings
@@ -43,22 +42,23 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-import model as tzmodel
-import rewards as tzrewards
-from model.generate import SamplingParams
-from rl import checkpoint as ckpt
-from rl.advantages import group_advantages, group_reward_stats, group_rows, nonconstant_groups
-from rl.config import Config, ConfigError, check_world_size, config_to_dict, config_to_yaml
-from rl.data import PromptSampler, load_rows, prepare_examples
-from rl.faults import kill_point, nan_point
-from rl.loss import masked_mean, policy_loss
-from rl.rollout import RolloutBatch, policy_for_sampling, rollout
-from rl.signals import StopRequest
-from rl.tracking import Tracker
+import thinkzero.model as tzmodel
+import thinkzero.rewards as tzrewards
+from thinkzero.model.checkpoint import DTYPES
+from thinkzero.model.generate import SamplingParams
+from thinkzero.rl import checkpoint as ckpt
+from thinkzero.rl.advantages import group_advantages, group_reward_stats, group_rows, nonconstant_groups
+from thinkzero.rl.config import Config, ConfigError, check_world_size, config_to_dict, config_to_yaml
+from thinkzero.rl.data import PromptSampler, load_rows, prepare_examples
+from thinkzero.rl.faults import kill_point, nan_point
+from thinkzero.rl.loss import masked_mean, policy_loss
+from thinkzero.rl.optim import adamw, lr_lambda, seed_everything
+from thinkzero.rl.rollout import RolloutBatch, policy_for_sampling, rollout
+from thinkzero.rl.signals import StopRequest
+from thinkzero.rl.tracking import Tracker
 
 # Loss types normalised by each micro-batch's own token count (see rl.loss); the others take global normalisers.
 LOCAL_MEAN_LOSSES = ("bnpo",)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class TrainingStopped(RuntimeError):
@@ -114,41 +114,10 @@ def _resolve_deepspeed_config_file() -> None:
     os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(in_repo)
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def sampling_seed(seed: int, step: int, draw: int, prompt_index: int) -> int:
     """A well-mixed 63-bit seed for one prompt's sampling stream."""
     words = np.random.SeedSequence([seed % 2**64, step, draw, prompt_index]).generate_state(2, np.uint32)
     return (int(words[0]) << 31) ^ int(words[1])
-
-
-def lr_lambda(warmup_steps: int, max_steps: int, schedule: str, min_ratio: float):
-    """Multiplier of the base learning rate at a given (0-based) training step."""
-
-    def factor(step: int) -> float:
-        if warmup_steps and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        if schedule == "constant":
-            return 1.0
-        progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
-
-
-def adamw(params, lr: float, betas, eps: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW, with the fused kernel where this torch has one for the parameters' device: one kernel over all
-    parameters instead of about ten ops per parameter (w1 on 2 CPU threads: 34 -> 6 ms an optimizer step)."""
-    params = list(params)
-    kwargs = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
-    try:
-        return torch.optim.AdamW(params, fused=True, **kwargs)
-    except RuntimeError:  # a torch without a fused AdamW for this device (e.g. CPU before 2.4)
-        return torch.optim.AdamW(params, **kwargs)
 
 
 def expert_load_cv(counts: torch.Tensor) -> float:
@@ -194,7 +163,7 @@ class Trainer:
         # sees on disk (a barrier inside a per-rank file check deadlocks when rank 0 writes before rank 1 looks).
         if cfg.model.init_preset:
             if self.is_main and not (Path(cfg.model.name_or_path) / "config.json").is_file():
-                from model.presets import write_random_model
+                from thinkzero.model.presets import write_random_model
 
                 write_random_model(cfg.model.init_preset, cfg.model.name_or_path, seed=cfg.train.seed)
             acc.wait_for_everyone()

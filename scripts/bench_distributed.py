@@ -93,8 +93,8 @@ def worker(recipe: str, result: str, steps: int, warmup: int) -> None:
     clock = time_collectives() if int(os.environ.get("WORLD_SIZE", "1")) > 1 else [0.0]
     import torch
 
-    from rl.config import load_config
-    from rl.trainer import Trainer
+    from thinkzero.rl.config import load_config
+    from thinkzero.rl.trainer import Trainer
 
     trainer = Trainer(load_config(recipe))
     rows = []
@@ -134,7 +134,7 @@ def _free_port() -> int:
 
 
 def write_workload(work: Path, preset: str, max_steps: int) -> Path:
-    from model.presets import write_random_model
+    from thinkzero.model.presets import write_random_model
 
     write_random_model(preset, work / "model", seed=0)
     data = work / "prompts.jsonl"

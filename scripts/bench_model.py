@@ -20,12 +20,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.cache import LatentCache
-from model.checkpoint import save_model
-from model.config import ModelConfig
-from model.moe import MoE
-from model.presets import preset
-from model.transformer import DeepseekForCausalLM
+from thinkzero.model.cache import LatentCache
+from thinkzero.model.checkpoint import save_model
+from thinkzero.model.config import ModelConfig
+from thinkzero.model.moe import MoE
+from thinkzero.model.presets import preset
+from thinkzero.model.transformer import DeepseekForCausalLM
 
 
 def median_time(fn, repeats: int, warmup: int = 2) -> float:

@@ -23,7 +23,7 @@ from math import gcd
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from rewards import math as ours
+from thinkzero.rewards import math as ours
 
 
 def load_tables():

@@ -67,8 +67,8 @@ def memory_peak(device: torch.device) -> int:
 
 
 def ours_runner(model_dir, prompts, num_generations, device, dtype, seed):
-    from model.checkpoint import load_model
-    from model.generate import SamplingParams, generate
+    from thinkzero.model.checkpoint import load_model
+    from thinkzero.model.generate import SamplingParams, generate
 
     model = load_model(model_dir, dtype=dtype, device=device).eval()
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -135,10 +135,10 @@ def child(args) -> None:
 
 
 def make_model_dir(preset_name: str, out_dir: str, seed: int = 0) -> None:
-    from model.checkpoint import save_model
-    from model.config import ModelConfig
-    from model.presets import preset
-    from model.transformer import DeepseekForCausalLM
+    from thinkzero.model.checkpoint import save_model
+    from thinkzero.model.config import ModelConfig
+    from thinkzero.model.presets import preset
+    from thinkzero.model.transformer import DeepseekForCausalLM
 
     torch.manual_seed(seed)
     save_model(DeepseekForCausalLM(ModelConfig.from_dict(preset(preset_name))), out_dir)

@@ -46,8 +46,8 @@ def digit_fraction(completion: str) -> float:
 
 
 def run_ours(model_dir: str, work: Path, num_steps: int) -> tuple[list[float], dict]:
-    from rl.config import load_config
-    from rl.trainer import Trainer
+    from thinkzero.rl.config import load_config
+    from thinkzero.rl.trainer import Trainer
 
     data = work / "prompts.jsonl"
     data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
@@ -168,7 +168,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.model is None:
-            from model.presets import write_random_model
+            from thinkzero.model.presets import write_random_model
 
             args.model = tmp
             write_random_model(args.preset, tmp, seed=0)

@@ -41,8 +41,8 @@ sys.path.insert(0, str(ROOT))
 import torch
 from safetensors.torch import load_file
 
-from rl import checkpoint as ckpt
-from rl.faults import ENV as KILL_ENV
+from thinkzero.rl import checkpoint as ckpt
+from thinkzero.rl.faults import ENV as KILL_ENV
 
 # Phase-targeted kills, used in this order (then repeated): the checkpoint window first, where atomicity matters.
 PHASE_KILLS = ("checkpoint:{save}", "update:{mid}", "scoring:{last}", "rollout:{save_plus}", "update:{mid}:TERM",
@@ -56,8 +56,8 @@ UNTIMED = ("timing/", "throughput/")
 def write_setup(workdir: Path, steps: int, save_every: int, seed: int, max_new_tokens: int = 12,
                 reward_workers: int = 1) -> Path:
     """Data, a tiny random model and the recipe (JSON is YAML) under workdir; returns the recipe path."""
-    from model.presets import write_random_model
-    from rl.arithmetic import Difficulty, make_problems, write_jsonl
+    from thinkzero.model.presets import write_random_model
+    from thinkzero.rl.arithmetic import Difficulty, make_problems, write_jsonl
 
     data = write_jsonl(make_problems(64, seed=seed, difficulty=Difficulty(num_ops=1, max_value=9)),
                        workdir / "train.jsonl")
@@ -161,7 +161,7 @@ def untimed(record: dict) -> dict:
 
 def check_checkpoints(out: Path) -> list[str]:
     """Every complete checkpoint must load (weights + trainer state); returns the problems found."""
-    from model import load_model
+    from thinkzero.model import load_model
 
     problems = []
     for path in ckpt.list_checkpoints(out):

@@ -21,12 +21,12 @@ sys.path.insert(0, str(ROOT))
 
 import torch
 
-import model as tzmodel
-from rl.arithmetic import Difficulty, make_splits, mix_styles, write_jsonl
-from rl.config import load_config
-from rl.data import load_rows, prepare_examples
-from rl.evaluation import evaluate_policy
-from rl.sft import load_sft_config, train_sft
+import thinkzero.model as tzmodel
+from thinkzero.rl.arithmetic import Difficulty, make_splits, mix_styles, write_jsonl
+from thinkzero.rl.config import load_config
+from thinkzero.rl.data import load_rows, prepare_examples
+from thinkzero.rl.evaluation import evaluate_policy
+from thinkzero.rl.sft import load_sft_config, train_sft
 
 SFT_RECIPE = ROOT / "recipes" / "demo" / "sft.yaml"
 GRPO_RECIPE = ROOT / "recipes" / "demo" / "grpo.yaml"
@@ -138,7 +138,7 @@ def main(argv: list[str]) -> int:
 
     log(f"4/6 GRPO for {grpo_cfg.train.max_steps} steps -> {out / 'grpo'}")
     t = time.perf_counter()
-    from rl.trainer import train  # imports accelerate; only needed here
+    from thinkzero.rl.trainer import train  # imports accelerate; only needed here
 
     trainer = train(grpo_cfg)
     final = out / "grpo" / f"checkpoint-{trainer.step:06d}"
@@ -153,7 +153,7 @@ def main(argv: list[str]) -> int:
     t = time.perf_counter()
     png = out / "curves.png"
     try:
-        from rl.plotting import plot, read_metrics
+        from thinkzero.rl.plotting import plot, read_metrics
 
         # The SFT model's greedy accuracy on the problems the trainer evaluates, as the curve's step-0 point.
         n_eval = grpo_cfg.data.eval_max_examples or len(before_records)

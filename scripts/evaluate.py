@@ -20,13 +20,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-import model as tzmodel
-from rl.cli import SETUP_ERRORS, USER_ERRORS, fail
-from rl.config import ConfigError, load_config
-from rl.data import load_rows, prepare_examples
-from rl.evaluation import evaluate_policy
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+import thinkzero.model as tzmodel
+from thinkzero.model.checkpoint import DTYPES
+from thinkzero.rl.cli import SETUP_ERRORS, USER_ERRORS, fail
+from thinkzero.rl.config import ConfigError, load_config
+from thinkzero.rl.data import load_rows, prepare_examples
+from thinkzero.rl.evaluation import evaluate_policy
 
 
 def parse_args(argv):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rl.arithmetic import Difficulty, make_splits, mix_styles, write_jsonl
+from thinkzero.rl.arithmetic import Difficulty, make_splits, mix_styles, write_jsonl
 
 
 def main(argv: list[str] | None = None) -> int:

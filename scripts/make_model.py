@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.presets import PRESETS, write_random_model
+from thinkzero.model.presets import PRESETS, write_random_model
 
 
 def main() -> None:

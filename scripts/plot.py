@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rl.plotting import plot, read_metrics
+from thinkzero.rl.plotting import plot, read_metrics
 
 
 def main(argv: list[str]) -> int:

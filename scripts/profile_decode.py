@@ -25,12 +25,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_model import median_time  # this script's folder is on sys.path
 
-from model.cache import LatentCache
-from model.config import ModelConfig
-from model.generate import sample_next
-from model.mla import absorbed_bias
-from model.presets import preset
-from model.transformer import DeepseekForCausalLM
+from thinkzero.model.cache import LatentCache
+from thinkzero.model.config import ModelConfig
+from thinkzero.model.generate import sample_next
+from thinkzero.model.mla import absorbed_bias
+from thinkzero.model.presets import preset
+from thinkzero.model.transformer import DeepseekForCausalLM
 
 MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.baddbmm.default,
            torch.ops.aten.addmm.default, torch.ops.aten.linear.default, torch.ops.aten._grouped_mm.default}

@@ -11,8 +11,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rl.cli import USER_ERRORS, fail  # noqa: E402
-from rl.sft import load_sft_config, train_sft  # noqa: E402
+from thinkzero.rl.cli import USER_ERRORS, fail  # noqa: E402
+from thinkzero.rl.sft import load_sft_config, train_sft  # noqa: E402
 
 
 def main(argv: list[str]) -> int:

@@ -19,9 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rl.cli import SETUP_ERRORS, USER_ERRORS, fail  # noqa: E402
-from rl.config import config_help, load_config  # noqa: E402
-from rl.trainer import CheckpointWriteFailed, SignalStop, Trainer, TrainingStopped  # noqa: E402
+from thinkzero.rl.cli import SETUP_ERRORS, USER_ERRORS, fail  # noqa: E402
+from thinkzero.rl.config import config_help, load_config  # noqa: E402
+from thinkzero.rl.trainer import CheckpointWriteFailed, SignalStop, Trainer, TrainingStopped  # noqa: E402
 
 
 def main(argv: list[str]) -> int:

@@ -7,10 +7,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from model.checkpoint import CheckpointError, hf_views, load_model, save_model
-from model.config import ModelConfig
-from model.presets import preset
-from model.transformer import DeepseekForCausalLM
+from thinkzero.model.checkpoint import CheckpointError, hf_views, load_model, save_model
+from thinkzero.model.config import ModelConfig
+from thinkzero.model.presets import preset
+from thinkzero.model.transformer import DeepseekForCausalLM
 
 
 def tiny_model(seed=0, **overrides) -> DeepseekForCausalLM:
@@ -222,8 +222,8 @@ def test_make_model_script_writes_a_loadable_directory(tmp_path):
     import sys
     from pathlib import Path
 
-    from model.presets import write_random_model
-    from model.tokenizer import load_tokenizer
+    from thinkzero.model.presets import write_random_model
+    from thinkzero.model.tokenizer import load_tokenizer
 
     made = write_random_model("tiny", tmp_path / "v2", seed=3, model_type="deepseek_v2")
     model, tok = load_model(tmp_path / "v2"), load_tokenizer(tmp_path / "v2")

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from model.config import ModelConfig
+from thinkzero.model.config import ModelConfig
 
 # The released DeepSeek-V3 config.json (quantization_config left out: fp8 weights are rejected, see below).
 DEEPSEEK_V3 = {

@@ -6,8 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from model.config import ModelConfig
-from model.presets import preset
+from thinkzero.model.config import ModelConfig
+from thinkzero.model.presets import preset
 
 ROOT = Path(__file__).resolve().parents[2]
 

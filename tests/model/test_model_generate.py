@@ -5,7 +5,7 @@ import pytest
 import torch
 from randomize import randomize_
 
-from model.generate import (
+from thinkzero.model.generate import (
     GenerationOutput,
     SamplingParams,
     StopStringChecker,
@@ -123,9 +123,9 @@ def test_sampling_params_validation():
 
 
 def make_model(seed: int = 0, **overrides):
-    from model.config import ModelConfig
-    from model.presets import preset
-    from model.transformer import DeepseekForCausalLM
+    from thinkzero.model.config import ModelConfig
+    from thinkzero.model.presets import preset
+    from thinkzero.model.transformer import DeepseekForCausalLM
 
     torch.manual_seed(seed)
     model = DeepseekForCausalLM(ModelConfig.from_dict({**preset("tiny"), **overrides})).eval()
@@ -178,7 +178,7 @@ def test_logprobs_and_routing_match_a_full_forward():
 
 def test_greedy_matches_transformers_generate(tmp_path):
     transformers = pytest.importorskip("transformers")
-    from model.checkpoint import save_model
+    from thinkzero.model.checkpoint import save_model
 
     model = make_model(seed=1)
     save_model(model, tmp_path)

@@ -6,10 +6,10 @@ import pytest
 import torch
 from randomize import randomize_
 
-from model.config import ModelConfig
-from model.generate import SamplingParams, generate
-from model.presets import preset
-from model.transformer import DeepseekForCausalLM
+from thinkzero.model.config import ModelConfig
+from thinkzero.model.generate import SamplingParams, generate
+from thinkzero.model.presets import preset
+from thinkzero.model.transformer import DeepseekForCausalLM
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

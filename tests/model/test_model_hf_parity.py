@@ -8,8 +8,8 @@ import pytest
 import torch
 from randomize import randomize_
 
-from model.config import ModelConfig
-from model.transformer import DeepseekForCausalLM
+from thinkzero.model.config import ModelConfig
+from thinkzero.model.transformer import DeepseekForCausalLM
 
 transformers = pytest.importorskip("transformers")
 
@@ -160,7 +160,7 @@ def test_cached_decode_matches_transformers(name):
     hf = hf_model(cfg)
     ours = ours_from_hf(cfg, hf)
     ids = torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(2))
-    from model.cache import LatentCache
+    from thinkzero.model.cache import LatentCache
 
     with torch.no_grad():
         ref = hf(ids).logits
@@ -196,7 +196,7 @@ def test_config_dict_loads_in_transformers_with_same_values():
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_transformers_directory_loads_with_load_model(name, tmp_path):
     """transformers' save_pretrained directory -> our load_model -> same logits."""
-    from model.checkpoint import load_model
+    from thinkzero.model.checkpoint import load_model
 
     cfg = make_configs(name)
     hf = hf_model(cfg, seed=3)
@@ -210,7 +210,7 @@ def test_transformers_directory_loads_with_load_model(name, tmp_path):
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_save_model_directory_loads_in_transformers(name, tmp_path):
     """our save_model directory -> transformers' from_pretrained -> same logits (router bias included)."""
-    from model.checkpoint import save_model
+    from thinkzero.model.checkpoint import save_model
 
     cfg = make_configs(name)
     ours = ours_from_hf(cfg, hf_model(cfg, seed=5))

@@ -4,10 +4,10 @@ import pytest
 import torch
 from randomize import randomize_
 
-from model.cache import LatentCache
-from model.config import ModelConfig
-from model.mla import absorbed_bias
-from model.transformer import DeepseekForCausalLM
+from thinkzero.model.cache import LatentCache
+from thinkzero.model.config import ModelConfig
+from thinkzero.model.mla import absorbed_bias
+from thinkzero.model.transformer import DeepseekForCausalLM
 
 BASE = dict(
     model_type="deepseek_v3",

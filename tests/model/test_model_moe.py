@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from model.moe import MLP, MoE, MoEGate, update_bias
+from thinkzero.model.moe import MLP, MoE, MoEGate, update_bias
 
 
 def make_cfg(**overrides):

@@ -7,8 +7,8 @@ import torch
 from randomize import randomize_
 from test_model_transformer import BASE
 
-from model.config import ModelConfig
-from model.transformer import DeepseekForCausalLM
+from thinkzero.model.config import ModelConfig
+from thinkzero.model.transformer import DeepseekForCausalLM
 
 # test_model_transformer's small V3 model, with values narrower than the query/key heads (v 6 < 8 + 4).
 CFG = {**BASE, "vocab_size": 50, "qk_rope_head_dim": 4, "v_head_dim": 6}

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from model.tokenizer import build_char_tokenizer, load_tokenizer
+from thinkzero.model.tokenizer import build_char_tokenizer, load_tokenizer
 
 TEXT = "Question: 12 * (3 + 4) = ?\n\tAnswer:  <think>84</think>  \n\n~`{}|\\'\"end "
 

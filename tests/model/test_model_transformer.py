@@ -5,9 +5,9 @@ import pytest
 import torch
 from randomize import randomize_
 
-from model.checkpoint import hf_views
-from model.config import ModelConfig
-from model.transformer import DeepseekForCausalLM
+from thinkzero.model.checkpoint import hf_views
+from thinkzero.model.config import ModelConfig
+from thinkzero.model.transformer import DeepseekForCausalLM
 
 BASE = dict(
     model_type="deepseek_v3",
@@ -222,7 +222,7 @@ def test_positions_follow_the_mask_not_the_column():
 
 
 def test_rms_norm_by_hand_fused_fp32_and_bf16_paths():
-    from model.norm import RMSNorm
+    from thinkzero.model.norm import RMSNorm
 
     norm = RMSNorm(2, eps=0.0)
     with torch.no_grad():

@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
-from rewards import list_rewards
-from rewards.format import format_reward, tag_count
-from rewards.length import cosine_length, soft_overlong
-from rewards.repetition import repetition
+from thinkzero.rewards import list_rewards
+from thinkzero.rewards.format import format_reward, tag_count
+from thinkzero.rewards.length import cosine_length, soft_overlong
+from thinkzero.rewards.repetition import repetition
 
 GOOD = "<think>\nadd them\n</think>\n<answer>\n4\n</answer>"
 

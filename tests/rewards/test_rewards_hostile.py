@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from rewards.math import math_accuracy, verify
+from thinkzero.rewards.math import math_accuracy, verify
 
 INJECTIONS = [
     "__import__('os').system('touch {path}')",

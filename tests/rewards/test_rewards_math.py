@@ -2,7 +2,14 @@
 
 import pytest
 
-from rewards.math import answers_equal, extract_answer, extract_gsm8k_gold, last_boxed, math_accuracy, verify
+from thinkzero.rewards.math import (
+    answers_equal,
+    extract_answer,
+    extract_gsm8k_gold,
+    last_boxed,
+    math_accuracy,
+    verify,
+)
 
 # (gold, prediction, expected). Predictions are bare answers or whole completions; `verify` extracts either way.
 TABLE = [

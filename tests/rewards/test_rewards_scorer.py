@@ -11,7 +11,7 @@ import warnings
 
 import pytest
 
-from rewards import RewardSpec, RewardWarning, Scorer, registry, reward
+from thinkzero.rewards import RewardSpec, RewardWarning, Scorer, registry, reward
 
 
 @reward("test_exact")
@@ -298,7 +298,7 @@ def test_name_clash_is_an_error():
 def test_reward_defined_in_a_script_runs_in_workers(tmp_path):
     script = tmp_path / "train_like.py"
     script.write_text(
-        "from rewards import RewardSpec, Scorer, reward\n"
+        "from thinkzero.rewards import RewardSpec, Scorer, reward\n"
         "@reward('script_len')\n"
         "def script_len(completion):\n"
         "    return float(len(completion))\n"
@@ -320,7 +320,7 @@ def test_empty_batch():
 
 def test_user_module_of_registered_rewards_loads_in_worker(tmp_path):
     path = tmp_path / "team_rewards.py"
-    path.write_text("from rewards import reward\n"
+    path.write_text("from thinkzero.rewards import reward\n"
                     "@reward('test_team_len')\n"
                     "def team_len(completion, answer):\n"
                     "    return float(len(completion) == len(answer))\n")

@@ -6,9 +6,9 @@ rewards.Scorer (the same door as any user reward)."""
 
 import pytest
 
-from model.tokenizer import build_char_tokenizer
-from rewards import RewardSpec, Scorer
-from rl.data import prepare_examples, render_prompt
+from thinkzero.model.tokenizer import build_char_tokenizer
+from thinkzero.rewards import RewardSpec, Scorer
+from thinkzero.rl.data import prepare_examples, render_prompt
 
 # A DeepSeek-R1-style chat template: the generation prompt opens the think block itself.
 R1_CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|User|>{{ m['content'] }}{% endfor %}"
@@ -71,8 +71,8 @@ def test_the_trainer_gives_the_format_rewards_the_rendered_prompt(tmp_path):
     sys.path.insert(0, str(Path(__file__).parents[1] / "rl"))
     from tiny_recipes import arithmetic_recipe, write_recipe
 
-    from rl.config import load_config
-    from rl.trainer import Trainer
+    from thinkzero.rl.config import load_config
+    from thinkzero.rl.trainer import Trainer
 
     recipe = arithmetic_recipe(tmp_path, 8, rollout={"num_generations": 2, "prompts_per_step": 2},
                                rewards={"functions": [{"name": "format"}, {"name": "tag_count"}], "num_workers": 0},

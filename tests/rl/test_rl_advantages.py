@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rl.advantages import (
+from thinkzero.rl.advantages import (
     ADVANTAGE_EPS,
     SCALERS,
     group_advantages,

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from rl.arithmetic import DIRECT_THINK, Difficulty, make_problems, make_splits, mix_styles
+from thinkzero.rl.arithmetic import DIRECT_THINK, Difficulty, make_problems, make_splits, mix_styles
 
 
 def test_worked_solutions_add_up():

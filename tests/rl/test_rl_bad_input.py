@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from model.presets import write_random_model
-from model.tokenizer import build_char_tokenizer
+from thinkzero.model.presets import write_random_model
+from thinkzero.model.tokenizer import build_char_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import yaml
 
-from rl.config import (
+from thinkzero.rl.config import (
     Config,
     ConfigError,
     check_world_size,

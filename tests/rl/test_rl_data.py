@@ -5,7 +5,14 @@ import json
 import datasets
 import pytest
 
-from rl.data import R1_ZERO_TEMPLATE, DataError, PromptSampler, load_rows, prepare_examples, render_prompt
+from thinkzero.rl.data import (
+    R1_ZERO_TEMPLATE,
+    DataError,
+    PromptSampler,
+    load_rows,
+    prepare_examples,
+    render_prompt,
+)
 
 ROWS = [{"question": f"q{i}?", "answer": f"#### {i}", "level": i % 3} for i in range(10)]
 

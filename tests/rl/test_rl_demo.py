@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from rl.data import load_rows
-from rl.evaluation import grade, summarize
+from thinkzero.rl.data import load_rows
+from thinkzero.rl.evaluation import grade, summarize
 
 ROOT = Path(__file__).resolve().parents[2]
 

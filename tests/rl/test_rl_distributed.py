@@ -27,8 +27,8 @@ import torch
 from safetensors.torch import load_file
 from tiny_recipes import arithmetic_recipe, write_recipe
 
-from model import load_model
-from model.presets import write_random_model
+from thinkzero.model import load_model
+from thinkzero.model.presets import write_random_model
 
 ROOT = Path(__file__).resolve().parents[2]
 REWARDS = Path(__file__).with_name("rewards_for_tests.py")
@@ -188,8 +188,8 @@ def test_zero2_drops_and_counts_a_non_finite_update(runs):
 def test_every_deepspeed_file_loads_through_the_safe_loader_and_a_planted_one_is_refused(runs, backend, tmp_path):
     from test_rl_resume import plant
 
-    from rl.checkpoint import UnsafeCheckpointFile
-    from rl.trainer import _safe_deepspeed_load
+    from thinkzero.rl.checkpoint import UnsafeCheckpointFile
+    from thinkzero.rl.trainer import _safe_deepspeed_load
 
     files = sorted((runs[backend] / "checkpoint-000002" / "deepspeed").rglob("*.pt"))
     assert len(files) >= 3, files  # model states and one optimizer state per rank

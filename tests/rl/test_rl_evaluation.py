@@ -8,12 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from model.config import ModelConfig
-from model.presets import preset
-from model.tokenizer import build_char_tokenizer
-from rl.arithmetic import Difficulty, make_problems
-from rl.data import prepare_examples, render_prompt
-from rl.evaluation import evaluate_policy, grade, maj_at_k, majority_index, pass_at_k, summarize
+from thinkzero.model.config import ModelConfig
+from thinkzero.model.presets import preset
+from thinkzero.model.tokenizer import build_char_tokenizer
+from thinkzero.rl.arithmetic import Difficulty, make_problems
+from thinkzero.rl.data import prepare_examples, render_prompt
+from thinkzero.rl.evaluation import evaluate_policy, grade, maj_at_k, majority_index, pass_at_k, summarize
 
 
 @pytest.mark.parametrize("n, c, k, expected", [

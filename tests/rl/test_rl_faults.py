@@ -10,11 +10,11 @@ import torch
 from safetensors.torch import load_file
 from tiny_recipes import arithmetic_recipe, write_recipe
 
-import rl.trainer
-from rl import checkpoint as ckpt
-from rl import faults
-from rl.config import load_config
-from rl.trainer import TrainingStopped, train
+from thinkzero.rl import checkpoint as ckpt
+from thinkzero.rl import faults
+from thinkzero.rl import trainer as rl_trainer
+from thinkzero.rl.config import load_config
+from thinkzero.rl.trainer import TrainingStopped, train
 
 ROOT = Path(__file__).resolve().parents[2]
 REWARDS = Path(__file__).with_name("rewards_for_tests.py")
@@ -92,7 +92,7 @@ def _recipe(tmp_path: Path, **sections) -> Path:
 def _poison_loss(monkeypatch, poisoned_calls):
     """The policy loss of the given (1-based) calls becomes NaN — one call per step with these batch sizes — so the
     backward pass fills the gradients with NaN, as an overflow would."""
-    real = rl.trainer.policy_loss
+    real = rl_trainer.policy_loss
     calls = []
 
     def policy_loss(*args, **kwargs):
@@ -100,7 +100,7 @@ def _poison_loss(monkeypatch, poisoned_calls):
         calls.append(1)
         return (loss * float("nan") if len(calls) in poisoned_calls else loss), metrics
 
-    monkeypatch.setattr(rl.trainer, "policy_loss", policy_loss)
+    monkeypatch.setattr(rl_trainer, "policy_loss", policy_loss)
 
 
 def test_a_non_finite_update_is_skipped_counted_and_training_goes_on(tmp_path, monkeypatch, capsys):

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rl.loss import KL_ESTIMATORS, policy_loss
+from thinkzero.rl.loss import KL_ESTIMATORS, policy_loss
 
 LN = math.log
 

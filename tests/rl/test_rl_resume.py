@@ -13,9 +13,9 @@ import pytest
 import torch
 from tiny_recipes import arithmetic_recipe, write_recipe
 
-from rl import checkpoint as ckpt
-from rl.config import ConfigError, load_config
-from rl.trainer import Trainer
+from thinkzero.rl import checkpoint as ckpt
+from thinkzero.rl.config import ConfigError, load_config
+from thinkzero.rl.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[2]
 REWARDS = Path(__file__).with_name("rewards_for_tests.py")

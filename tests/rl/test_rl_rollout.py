@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from model.config import ModelConfig
-from model.presets import preset
-from model.transformer import DeepseekForCausalLM
-from rl.rollout import _unhooked_twin
+from thinkzero.model.config import ModelConfig
+from thinkzero.model.presets import preset
+from thinkzero.model.transformer import DeepseekForCausalLM
+from thinkzero.rl.rollout import _unhooked_twin
 
 
 @pytest.mark.parametrize("tied", [False, True])

@@ -6,12 +6,12 @@ import json
 import pytest
 import torch
 
-from model import load_model, load_tokenizer
-from model.presets import write_random_model
-from model.tokenizer import build_char_tokenizer
-from rl.arithmetic import Difficulty, make_problems, write_jsonl
-from rl.config import ConfigError
-from rl.sft import build_sft_examples, collate, completion_nll, load_sft_config, train_sft
+from thinkzero.model import load_model, load_tokenizer
+from thinkzero.model.presets import write_random_model
+from thinkzero.model.tokenizer import build_char_tokenizer
+from thinkzero.rl.arithmetic import Difficulty, make_problems, write_jsonl
+from thinkzero.rl.config import ConfigError
+from thinkzero.rl.sft import build_sft_examples, collate, completion_nll, load_sft_config, train_sft
 
 
 def _recipe(tmp_path, **sections):

@@ -14,11 +14,11 @@ import torch
 from safetensors.torch import load_file
 from tiny_recipes import arithmetic_recipe, write_recipe
 
-from rl import checkpoint as ckpt
-from rl import faults
-from rl.config import load_config
-from rl.signals import StopRequest
-from rl.trainer import SignalStop, train
+from thinkzero.rl import checkpoint as ckpt
+from thinkzero.rl import faults
+from thinkzero.rl.config import load_config
+from thinkzero.rl.signals import StopRequest
+from thinkzero.rl.trainer import SignalStop, train
 
 ROOT = Path(__file__).resolve().parents[2]
 REWARDS = Path(__file__).with_name("rewards_for_tests.py")
@@ -91,7 +91,7 @@ def test_scripts_train_exits_4_on_sigterm_with_a_checkpoint(tmp_path):
 
 def test_a_second_signal_exits_at_once():
     code = ("import os, signal, time\n"
-            "from rl.signals import StopRequest\n"
+            "from thinkzero.rl.signals import StopRequest\n"
             "with StopRequest(same_request_s=0.0) as stop:\n"
             "    os.kill(os.getpid(), signal.SIGINT); time.sleep(0.05)\n"
             "    assert stop.signal_name == 'SIGINT'\n"
@@ -113,7 +113,7 @@ def test_signals_forwarded_together_count_once():
 def test_reward_workers_ignore_ctrl_c_and_sigterm_from_their_first_instruction():
     """Ctrl-C reaches the whole process group; the workers leave the shutdown to the trainer (no traceback of theirs,
     no sample lost mid-score). The disposition is inherited, so it holds while a worker still imports."""
-    import rewards as tzrewards
+    import thinkzero.rewards as tzrewards
 
     scorer = tzrewards.Scorer([{"name": f"{REWARDS}:digit_fraction"}], num_workers=1, timeout_s=30)
     try:

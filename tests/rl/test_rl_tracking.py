@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from rl.tracking import Tracker, has_wandb_api_key, resolve_wandb_mode
+from thinkzero.rl.tracking import Tracker, has_wandb_api_key, resolve_wandb_mode
 
 
 def _read(path):

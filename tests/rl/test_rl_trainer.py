@@ -12,9 +12,10 @@ import torch
 from safetensors.torch import load_file
 from tiny_recipes import arithmetic_recipe, write_recipe
 
-from model import load_model
-from rl.config import load_config
-from rl.trainer import adamw, train
+from thinkzero.model import load_model
+from thinkzero.rl.config import load_config
+from thinkzero.rl.optim import adamw
+from thinkzero.rl.trainer import train
 
 ROOT = Path(__file__).resolve().parents[2]
 REWARDS = Path(__file__).with_name("rewards_for_tests.py")
@@ -126,7 +127,7 @@ def test_moe_options_routing_replay_bias_updates_and_several_iterations(tmp_path
 def test_old_logprobs_replay_the_rollout_routing_so_the_first_ratio_is_one(tmp_path):
     """mu=2 with routing replay: the old log-probs are the update's first forward (same replayed experts, same
     weights), so iteration 1's ratio is exactly 1 on every token; without replay in the old pass it is not."""
-    from rl.trainer import Trainer
+    from thinkzero.rl.trainer import Trainer
 
     recipe = _recipe(tmp_path, logging={"mode": "disabled", "console": False}, train={"max_steps": 1, "save_every": 0},
                      algorithm={"num_iterations": 2, "beta": 0.0, "moe": {"routing_replay": True}})
@@ -161,7 +162,7 @@ def test_several_mini_batches_per_rollout_clip_off_policy_tokens(tmp_path):
 
 
 def test_bias_updates_on_a_router_without_bias_fail_at_start(tmp_path):
-    from model.presets import write_random_model
+    from thinkzero.model.presets import write_random_model
 
     write_random_model("tiny", tmp_path / "v2", model_type="deepseek_v2")
     recipe = _recipe(tmp_path, model={"name_or_path": str(tmp_path / "v2"), "init_preset": None},
@@ -179,8 +180,8 @@ GRPO_RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if "accelera
 def test_shipped_grpo_recipes_parse(recipe):
     # Beyond parsing (validate already checks the shapes): every reward the recipe names resolves and accepts the
     # recipe's params, and a non-chat template puts the question into the prompt.
-    from rewards import registry
-    from rl.data import render_prompt
+    from thinkzero.rewards import registry
+    from thinkzero.rl.data import render_prompt
 
     cfg = load_config(recipe, check_paths=False)
     for spec in cfg.rewards.functions:
@@ -211,7 +212,7 @@ def test_dynamic_sampling_keeps_only_informative_groups(tmp_path):
 def test_log_probs_share_each_prompt_across_its_rows_with_the_same_numbers(tmp_path):
     """Micro-batches of whole groups, of part of a group, and misaligned ones: the forward is told to share each
     prompt over gcd(G, rows) rows when the rows allow it, and the log-probs equal the plain forward's."""
-    from rl.trainer import Trainer
+    from thinkzero.rl.trainer import Trainer
 
     recipe = _recipe(tmp_path, rollout={"num_generations": 4, "prompts_per_step": 3, "max_new_tokens": 8},
                      logging={"mode": "disabled", "console": False, "completions_every": 0},
@@ -247,8 +248,8 @@ def test_log_probs_share_each_prompt_across_its_rows_with_the_same_numbers(tmp_p
 def test_aux_loss_coef_replaces_the_checkpoints_alpha(tmp_path, coef):
     """The recipe's aux_loss_coef is the balance loss's only weight: a checkpoint's aux_loss_alpha (DeepSeek ships
     0.001) neither adds a loss the recipe turned off nor multiplies the coefficient; the saved config keeps it."""
-    from model.presets import write_random_model
-    from rl.trainer import Trainer
+    from thinkzero.model.presets import write_random_model
+    from thinkzero.rl.trainer import Trainer
 
     write_random_model("tiny", tmp_path / "model")
     config = json.loads((tmp_path / "model" / "config.json").read_text())
@@ -293,7 +294,7 @@ def test_process_group_has_a_finite_timeout_and_the_right_backend():
     # collective the ranks do not all reach fails instead of hanging (issue 19).
     import datetime
 
-    from rl.trainer import process_group_kwargs
+    from thinkzero.rl.trainer import process_group_kwargs
 
     assert process_group_kwargs(1, cuda=False, timeout_s=60) == []
     (cpu,) = process_group_kwargs(2, cuda=False, timeout_s=60)

@@ -4,7 +4,7 @@ one-step word problems. Each test adds the sections it is about."""
 import json
 from pathlib import Path
 
-from rl.arithmetic import Difficulty, make_problems, write_jsonl
+from thinkzero.rl.arithmetic import Difficulty, make_problems, write_jsonl
 
 
 def arithmetic_recipe(root: Path, num_problems: int, data_file: str = "train.jsonl", **sections) -> dict:
