@@ -42,7 +42,6 @@ from multiprocessing import connection, get_context
 
 from thinkzero.rewards import registry
 
-FAILURE_KINDS = ("exception", "timeout", "non_finite", "wrong_type", "wrong_length", "crash")
 _IDLE = 1e300  # progress start time of a worker that is not running a call
 
 

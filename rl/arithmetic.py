@@ -130,10 +130,3 @@ def write_jsonl(rows: list[dict], path: str | Path) -> Path:
             f.write(json.dumps(row) + "\n")
     return path
 
-
-def write_splits(out_dir: str | Path, sizes: dict[str, int], seed: int, difficulty: Difficulty = Difficulty(),
-                 prefix: str = "") -> dict[str, Path]:
-    """make_splits written as <out_dir>/<prefix><split>.jsonl (loadable with datasets' json builder); split -> path.
-    Splits of size 0 are not written."""
-    splits = make_splits(sizes, seed, difficulty)
-    return {name: write_jsonl(rows, Path(out_dir) / f"{prefix}{name}.jsonl") for name, rows in splits.items() if rows}
