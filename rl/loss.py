@@ -17,11 +17,17 @@ Normalisers that can span several calls take the global count as an argument (`n
 `num_sequences` for grpo / dr_grpo / gspo); with them, the sum of the per-micro-batch losses equals the full-batch
 loss. (Under DDP, which averages gradients over ranks, the caller multiplies by the number of ranks.)
 
+Rollout correction (`rollout_correction`, Yao et al. 2025, "Your Efficient RL Framework Secretly Brings You
+Off-Policy RL Training"): the rollout engine's log-probs differ from the trainer's (kernels, precision, batch shapes),
+so the samples come from pi_rollout, not pi_old. TIS weights each token's surrogate by min(pi_old / pi_rollout, cap);
+MIS drops the tokens (or sequences) whose ratio leaves [1 / cap, cap].
+
 Shapes: B sequences, T completion tokens (right-padded; completion_mask marks real tokens).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -127,11 +133,14 @@ def policy_loss(
     max_completion_length: int | None = None,
     num_items_in_batch: int | Tensor | None = None,
     num_sequences: int | None = None,
+    token_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped GRPO-family loss.
 
     logprobs [B, T] (with grad), old_logprobs [B, T] or None (= logprobs.detach(): one update per rollout),
-    ref_logprobs [B, T] or None (needed when beta > 0), advantages [B], completion_mask [B, T].
+    ref_logprobs [B, T] or None (needed when beta > 0), advantages [B], completion_mask [B, T],
+    token_weights [B, T] or None: detached weights on each token's surrogate (TIS, from `rollout_correction`),
+    applied before the loss type's reduction; the normalisers and the KL term are unchanged.
     Returns (loss scalar, metrics) where metrics are detached scalars over the local batch: policy_loss, kl,
     clip_ratio/low_mean, clip_ratio/high_mean, clip_ratio/region_mean, ratio/mean.
     """
@@ -142,7 +151,7 @@ def policy_loss(
     if logprobs.dim() != 2 or completion_mask.shape != logprobs.shape:
         raise ValueError(f"logprobs {tuple(logprobs.shape)} and completion_mask {tuple(completion_mask.shape)} "
                          "must both be [B, T]")
-    for name, t in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
+    for name, t in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs), ("token_weights", token_weights)):
         if t is not None and t.shape != logprobs.shape:
             raise ValueError(f"{name} {tuple(t.shape)} must match logprobs {tuple(logprobs.shape)}")
     if advantages.shape != logprobs.shape[:1]:
@@ -161,6 +170,10 @@ def policy_loss(
     clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high)  # (B, T)
     adv = advantages.to(logprobs.dtype).unsqueeze(1)  # (B, 1)
     surrogate = -torch.min(ratio * adv, clipped * adv)  # (B, T)
+    if token_weights is not None:
+        # Only the surrogate is an expectation over the rollout's samples that the weights correct; the KL to the
+        # reference is a regulariser (TRL and verl weight the same term).
+        surrogate = surrogate * token_weights  # (B, T)
     aggregate = AGGREGATORS[loss_type]
     policy_term = aggregate(surrogate, mask, ctx)  # ()
 
@@ -185,3 +198,90 @@ def policy_loss(
             "ratio/mean": masked_mean(ratio.detach(), mask),
         }
     return loss, metrics
+
+
+# Rollout correction. A ratio r = pi_old(y) / pi_rollout(y) per token; at level "sequence" one ratio per sequence,
+# the product of its token ratios (a sum of log-ratios: the product itself under- or overflows on long sequences).
+
+def _token_log_ratio(log_ratio: Tensor, mask: Tensor) -> Tensor:
+    return log_ratio * mask  # (B, T)
+
+
+def _sequence_log_ratio(log_ratio: Tensor, mask: Tensor) -> Tensor:
+    return (log_ratio * mask).sum(dim=1, keepdim=True).expand_as(log_ratio)  # (B, T)
+
+
+CORRECTION_LEVELS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "token": _token_log_ratio,
+    "sequence": _sequence_log_ratio,
+}
+
+
+# A mode: (log r (B, T), mask (B, T), log cap) -> (weights or None, tokens kept (B, T) or None, metrics).
+
+def _correct_none(log_ratio: Tensor, mask: Tensor, log_cap: float):
+    return None, None, {}
+
+
+def _correct_tis(log_ratio: Tensor, mask: Tensor, log_cap: float):
+    # min(r, cap) = exp(min(log r, log cap)): no overflow whatever the sequence's length.
+    weights = torch.exp(torch.clamp(log_ratio, max=log_cap))  # (B, T)
+    truncated = (log_ratio > log_cap).to(mask.dtype)  # (B, T)
+    return weights, None, {"mismatch/truncated_frac": masked_mean(truncated, mask)}
+
+
+def _correct_mis(log_ratio: Tensor, mask: Tensor, log_cap: float):
+    keep = (log_ratio.abs() <= log_cap).to(mask.dtype)  # (B, T)  r in [1 / cap, cap]
+    return None, keep, {"mismatch/masked_frac": masked_mean(1 - keep, mask)}
+
+
+CORRECTIONS: dict[str, Callable[[Tensor, Tensor, float], tuple]] = {
+    "none": _correct_none,
+    "tis": _correct_tis,
+    "mis": _correct_mis,
+}
+
+# exp(20) = 4.9e8, beyond any useful cap: keeps the ratio metrics finite when a long sequence's product overflows.
+_METRIC_MAX_LOG_RATIO = 20.0
+
+
+def rollout_correction(old_logprobs: Tensor, rollout_logprobs: Tensor, mask: Tensor, mode: str, level: str,
+                       cap: float) -> tuple[Tensor | None, Tensor, dict[str, Tensor]]:
+    """(B, T) tensors -> (token_weights or None, loss mask, metrics); nothing here carries gradient.
+
+    mode "none": weights None, mask returned as given (diagnostic metrics only). "tis": weights min(r, cap), for
+    `policy_loss(token_weights=...)`. "mis": weights None, mask with the tokens (level "token") or whole sequences
+    (level "sequence") whose r leaves [1 / cap, cap] set to 0.
+    Metrics, masked means over the valid tokens (sequence level: each sequence's r counts once per token):
+    mismatch/abs_logprob_diff_mean, mismatch/kl = KL(rollout || trainer) by the k3 estimator on the rollout's
+    samples (exp(log r) - log r - 1 with token log r; unbiased, >= 0), mismatch/ratio_mean, _min, _max, and
+    mismatch/truncated_frac (tis) or mismatch/masked_frac (mis).
+    """
+    if mode not in CORRECTIONS:
+        raise ValueError(f"unknown rollout correction mode {mode!r}; choose one of {', '.join(CORRECTIONS)}")
+    if level not in CORRECTION_LEVELS:
+        raise ValueError(f"unknown rollout correction level {level!r}; choose one of {', '.join(CORRECTION_LEVELS)}")
+    if not cap > 1:
+        raise ValueError(f"rollout correction cap must be > 1; got {cap}")
+    if old_logprobs.shape != rollout_logprobs.shape or mask.shape != old_logprobs.shape:
+        raise ValueError(f"old_logprobs {tuple(old_logprobs.shape)}, rollout_logprobs "
+                         f"{tuple(rollout_logprobs.shape)} and mask {tuple(mask.shape)} must all be the same [B, T]")
+    with torch.no_grad():
+        mask_f = mask.to(old_logprobs.dtype)  # (B, T)
+        token_log_ratio = (old_logprobs - rollout_logprobs).detach()  # (B, T)  log r per token
+        log_ratio = CORRECTION_LEVELS[level](token_log_ratio, mask_f)  # (B, T)
+        weights, keep, metrics = CORRECTIONS[mode](log_ratio, mask_f, math.log(cap))
+        loss_mask = mask if keep is None else mask * keep.to(mask.dtype)
+        valid = mask_f > 0
+        ratio = torch.exp(log_ratio.clamp(-_METRIC_MAX_LOG_RATIO, _METRIC_MAX_LOG_RATIO))  # (B, T)
+        # min / max over nothing (an all-padding batch) read as 1: no mismatch seen.
+        one = torch.ones((), dtype=ratio.dtype, device=ratio.device)
+        metrics = {
+            "mismatch/abs_logprob_diff_mean": masked_mean(token_log_ratio.abs(), mask_f),
+            "mismatch/kl": masked_mean(kl_k3(rollout_logprobs.detach(), old_logprobs.detach()), mask_f),
+            "mismatch/ratio_mean": masked_mean(ratio, mask_f),
+            "mismatch/ratio_min": ratio[valid].min() if valid.any() else one,
+            "mismatch/ratio_max": ratio[valid].max() if valid.any() else one,
+            **metrics,
+        }
+    return weights, loss_mask, metrics
