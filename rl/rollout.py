@@ -10,51 +10,13 @@ EOS), so the collectives would not match and the ranks would hang. Otherwise the
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
 from thinkzero.model.generate import SamplingParams, generate
-
-
-@dataclass
-class RolloutBatch:
-    """N = P * G rows, prompt-major (row p * G + g is the g-th completion of prompt p)."""
-
-    prompt_ids: torch.Tensor  # (N, Tp) left-padded
-    prompt_mask: torch.Tensor  # (N, Tp)
-    completion_ids: torch.Tensor  # (N, Tc) right-padded
-    completion_mask: torch.Tensor  # (N, Tc)
-    sampling_logprobs: torch.Tensor  # (N, Tc) log-probs under the distribution that was sampled
-    lengths: torch.Tensor  # (N,) completion tokens
-    finish_reasons: list[str]  # 'stop' | 'length'
-    group_index: torch.Tensor  # (N,) index of the prompt within this batch
-    routing: list[torch.Tensor] | None  # per MoE layer (N, Tp + Tc, k), for routing replay
-
-    @property
-    def input_ids(self) -> torch.Tensor:
-        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)  # (N, Tp + Tc)
-
-    @property
-    def attention_mask(self) -> torch.Tensor:
-        return torch.cat([self.prompt_mask, self.completion_mask], dim=1)  # (N, Tp + Tc)
-
-    def select(self, rows: torch.Tensor) -> "RolloutBatch":
-        """The sub-batch of the given rows (dynamic sampling keeps whole groups)."""
-        rows_list = rows.tolist()
-        return RolloutBatch(
-            prompt_ids=self.prompt_ids[rows],
-            prompt_mask=self.prompt_mask[rows],
-            completion_ids=self.completion_ids[rows],
-            completion_mask=self.completion_mask[rows],
-            sampling_logprobs=self.sampling_logprobs[rows],
-            lengths=self.lengths[rows],
-            finish_reasons=[self.finish_reasons[i] for i in rows_list],
-            group_index=self.group_index[rows],
-            routing=None if self.routing is None else [r[rows] for r in self.routing],
-        )
+from thinkzero.rl.batch import RolloutBatch
 
 
 def _is_zero3(model: nn.Module) -> bool:

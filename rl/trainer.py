@@ -47,13 +47,14 @@ import thinkzero.rewards as tzrewards
 from thinkzero.model.checkpoint import DTYPES
 from thinkzero.model.generate import SamplingParams
 from thinkzero.rl import checkpoint as ckpt
-from thinkzero.rl.advantages import group_advantages, group_reward_stats, group_rows, nonconstant_groups
+from thinkzero.rl.advantages import group_advantages, group_reward_stats, nonconstant_groups
 from thinkzero.rl.config import Config, ConfigError, check_world_size, config_to_dict, config_to_yaml
 from thinkzero.rl.data import PromptSampler, load_rows, prepare_examples
 from thinkzero.rl.faults import kill_point, nan_point
 from thinkzero.rl.loss import masked_mean, policy_loss
 from thinkzero.rl.optim import adamw, lr_lambda, seed_everything
-from thinkzero.rl.rollout import RolloutBatch, policy_for_sampling, rollout
+from thinkzero.rl.batch import RolloutBatch, ScoredRollout, decode_completions
+from thinkzero.rl.rollout import policy_for_sampling, rollout
 from thinkzero.rl.signals import StopRequest
 from thinkzero.rl.tracking import Tracker
 
@@ -446,16 +447,15 @@ class Trainer:
         return [torch.Generator(device=self.device).manual_seed(
             sampling_seed(self.cfg.train.seed, self.step, draw, first + i)) for i in range(num_prompts)]
 
-    def _sample(self, examples: list[dict], draw: int = 0) -> tuple[RolloutBatch, list[str], Any, float, float]:
-        """G completions per example, decoded and scored. Returns (batch, texts, scores, rollout_s, reward_s)."""
+    def _sample(self, examples: list[dict], draw: int = 0) -> tuple[ScoredRollout, float, float]:
+        """G completions per example, decoded and scored. Returns (scored rollout, rollout_s, reward_s)."""
         G = self.cfg.rollout.num_generations
         t0 = time.perf_counter()
         batch = rollout(self.model, [ex["prompt_ids"] for ex in examples], G, self.sampling,
                         self._prompt_generators(len(examples), draw), decode=self.tokenizer.decode)
         kill_point("rollout", self.step + 1)
         t1 = time.perf_counter()
-        ids = [row[mask.bool()].tolist() for row, mask in zip(batch.completion_ids.cpu(), batch.completion_mask.cpu())]
-        texts = [self.tokenizer.decode(row, skip_special_tokens=True) for row in ids]
+        ids, texts = decode_completions(batch, self.tokenizer)
         rows = [examples[i] for i in batch.group_index.tolist()]
         columns = {c: [row.get(c) for row in rows] for c in self.columns}
         facts = {"prompt": [row["prompt"] for row in rows], "completion_ids": ids, "num_tokens": batch.lengths.tolist(),
@@ -463,7 +463,7 @@ class Trainer:
         scores = self.scorer.score(texts, columns=columns, facts=facts)
         kill_point("scoring", self.step + 1)
         self._count_failures(scores)
-        return batch, texts, scores, t1 - t0, time.perf_counter() - t1
+        return ScoredRollout(batch, texts, scores, examples), t1 - t0, time.perf_counter() - t1
 
     def collect(self) -> tuple[StepBatch, dict[str, float], dict[str, float]]:
         """Samples this step's groups (with dynamic sampling, drawing more prompts while groups are uninformative),
@@ -471,22 +471,21 @@ class Trainer:
         cfg, G = self.cfg, self.cfg.rollout.num_generations
         P_local = self.batch_local // G
         rollout_s = reward_s = 0.0
-        kept: list[tuple] = []
-        dropped_groups: list[tuple] = []
+        kept: list[ScoredRollout] = []
+        dropped_groups: list[ScoredRollout] = []
         examples = self.sampler.next_batch()
         draws = 0
         while True:
-            batch, texts, scores, t_roll, t_rew = self._sample(examples, draws)
+            part, t_roll, t_rew = self._sample(examples, draws)
             rollout_s += t_roll
             reward_s += t_rew
-            part = (batch, texts, scores, examples)
             if not cfg.algorithm.dynamic_sampling:
                 kept.append(part)
                 break
-            informative = nonconstant_groups(torch.tensor(scores.total, dtype=torch.float32), G)  # (P,)
-            kept.append(_select_part(part, group_rows(informative, G), G))
-            dropped_groups.append(_select_part(part, group_rows(~informative, G), G))
-            have = sum(len(p[3]) for p in kept)
+            informative = nonconstant_groups(torch.tensor(part.scores.total, dtype=torch.float32), G)  # (P,)
+            kept.append(part.select_groups(informative.nonzero().flatten(), G))
+            dropped_groups.append(part.select_groups((~informative).nonzero().flatten(), G))
+            have = sum(p.num_groups for p in kept)
             need_any = self._max(max(0, P_local - have))  # all ranks draw together to keep samplers in step
             if need_any == 0 or draws >= cfg.algorithm.max_extra_draws:
                 break
@@ -496,14 +495,15 @@ class Trainer:
         # Assemble exactly P_local groups: the informative ones first, topped up with uninformative ones if the draw
         # budget ran out (their advantages are zero, so they add KL but no policy gradient).
         parts = kept + dropped_groups if cfg.algorithm.dynamic_sampling else kept
-        merged = _merge_parts(parts, G, P_local, self.sampling.pad_token_id)
-        batch, texts, per_function, totals, examples_per_row = merged
+        scored = ScoredRollout.cat(parts, self.sampling.pad_token_id).first_groups(P_local, G)
+        batch, texts, per_function, totals = scored.batch, scored.texts, scored.scores.per_function, scored.scores.total
+        examples_per_row = scored.examples_per_row(G)
         if self.zero3 and self.world_size > 1:
             # Same shapes on every rank: ZeRO-3 gathers lm_head once per log-prob chunk, and the chunk count follows
             # the sequence length, so unequal lengths would mean unequal collectives.
             widths = self._gather(torch.tensor([batch.prompt_ids.shape[1], batch.completion_ids.shape[1]],
                                                device=self.device)).view(-1, 2).amax(0).tolist()
-            batch = _pad_batch(batch, widths[0], widths[1], self.sampling.pad_token_id)
+            batch = batch.pad_to(widths[0], widths[1], self.sampling.pad_token_id)
         timing = {"timing/rollout_s": rollout_s, "timing/reward_s": reward_s}
 
         rewards = torch.tensor(totals, dtype=torch.float32)  # (N,)
@@ -530,7 +530,7 @@ class Trainer:
         if cfg.algorithm.dynamic_sampling:
             metrics["dynamic_sampling/extra_draws"] = float(draws)
             metrics["dynamic_sampling/filled_groups"] = self._sum(
-                max(0, P_local - sum(len(p[3]) for p in kept)))
+                max(0, P_local - sum(p.num_groups for p in kept)))
         for name, count in self.reward_failures.items():
             metrics[f"rewards/{name}/failures"] = float(count)
             metrics[f"rewards/{name}/disabled"] = float(name in self.scorer.disabled)
@@ -592,7 +592,7 @@ class Trainer:
             ref_device = next(self.ref_model.parameters()).device
             for s in range(0, N, self.micro):
                 rows = slice(s, s + self.micro)
-                sub = _to_device(rb, rows, ref_device)
+                sub = rb.to(ref_device, rows)
                 lp, _, _ = self._completion_logprobs(self.ref_model, sub, slice(None), first_row=s)
                 ref.append(lp.to(self.device))
             step.ref_logprobs = torch.cat(ref)
@@ -743,12 +743,9 @@ class Trainer:
             chunk = examples[s:s + 32]
             with policy_for_sampling(self.model) as policy:
                 out = tzmodel.generate(policy, [ex["prompt_ids"] for ex in chunk], 1, params, decode=self.tokenizer.decode)
-            texts = [self.tokenizer.decode(ids[m.bool()].tolist(), skip_special_tokens=True)
-                     for ids, m in zip(out.completion_ids.cpu(), out.completion_mask.cpu())]
+            ids, texts = decode_completions(out, self.tokenizer)
             scores = self.scorer.score(texts, columns={c: [ex.get(c) for ex in chunk] for c in self.columns},
-                                       facts={"prompt": [ex["prompt"] for ex in chunk],
-                                              "completion_ids": [ids[m.bool()].tolist() for ids, m in
-                                                                 zip(out.completion_ids.cpu(), out.completion_mask.cpu())],
+                                       facts={"prompt": [ex["prompt"] for ex in chunk], "completion_ids": ids,
                                               "num_tokens": out.completion_mask.sum(1).tolist(),
                                               "finish_reason": list(out.finish_reasons)})
             totals.setdefault("reward", []).extend(scores.total)
@@ -885,93 +882,6 @@ def _safe_deepspeed_load(path: str, map_location=None):
 
     safe = (LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address)
     return ckpt.load_file(path, safe, "cpu" if map_location is None else map_location)
-
-
-# ---- batch assembly helpers (pure) ------------------------------------------------------------------------------
-
-def _select_part(part, rows: torch.Tensor, G: int):
-    batch, texts, scores, examples = part
-    rows_list = rows.tolist()
-    sub_scores = {
-        "total": [scores.total[i] for i in rows_list],
-        "per_function": {k: [v[i] for i in rows_list] for k, v in scores.per_function.items()},
-    }
-    group_ids = rows_list[::G]
-    return (batch.select(rows), [texts[i] for i in rows_list], sub_scores,
-            [examples[i // G] for i in group_ids])
-
-
-def _as_scores(scores) -> dict:
-    if isinstance(scores, dict):
-        return scores
-    return {"total": list(scores.total), "per_function": {k: list(v) for k, v in scores.per_function.items()}}
-
-
-def _pad_to(t: torch.Tensor, width: int, value: int | float, left: bool) -> torch.Tensor:
-    extra = width - t.shape[1]
-    if extra <= 0:
-        return t
-    pad = t.new_full((t.shape[0], extra, *t.shape[2:]), value)
-    return torch.cat([pad, t] if left else [t, pad], dim=1)
-
-
-def _merge_parts(parts, G: int, num_groups: int, pad_id: int):
-    """Concatenates (batch, texts, scores, examples) parts and keeps the first `num_groups` groups."""
-    parts = [p for p in parts if len(p[3])]
-    batches = [p[0] for p in parts]
-    Tp = max(b.prompt_ids.shape[1] for b in batches)
-    Tc = max(b.completion_ids.shape[1] for b in batches)
-    routing = None
-    if all(b.routing is not None for b in batches):
-        routing = []
-        for layer in range(len(batches[0].routing)):
-            routing.append(torch.cat([
-                torch.cat([_pad_to(b.routing[layer][:, :b.prompt_ids.shape[1]], Tp, 0, left=True),
-                           _pad_to(b.routing[layer][:, b.prompt_ids.shape[1]:], Tc, 0, left=False)], dim=1)
-                for b in batches]))
-    merged = RolloutBatch(
-        prompt_ids=torch.cat([_pad_to(b.prompt_ids, Tp, pad_id, left=True) for b in batches]),
-        prompt_mask=torch.cat([_pad_to(b.prompt_mask, Tp, 0, left=True) for b in batches]),
-        completion_ids=torch.cat([_pad_to(b.completion_ids, Tc, pad_id, left=False) for b in batches]),
-        completion_mask=torch.cat([_pad_to(b.completion_mask, Tc, 0, left=False) for b in batches]),
-        sampling_logprobs=torch.cat([_pad_to(b.sampling_logprobs, Tc, 0.0, left=False) for b in batches]),
-        lengths=torch.cat([b.lengths for b in batches]),
-        finish_reasons=[f for b in batches for f in b.finish_reasons],
-        group_index=torch.cat([b.group_index for b in batches]),
-        routing=routing,
-    )
-    texts = [t for p in parts for t in p[1]]
-    scores = [_as_scores(p[2]) for p in parts]
-    totals = [v for s in scores for v in s["total"]]
-    per_function = {k: [v for s in scores for v in s["per_function"][k]] for k in scores[0]["per_function"]}
-    examples = [ex for p in parts for ex in p[3]]
-    n = num_groups * G
-    rows = torch.arange(n)
-    merged = merged.select(rows) if merged.completion_ids.shape[0] > n else merged
-    examples_per_row = [examples[i // G] for i in range(min(n, len(examples) * G))]
-    return (merged, texts[:n], {k: v[:n] for k, v in per_function.items()}, totals[:n], examples_per_row)
-
-
-def _pad_batch(b: RolloutBatch, Tp: int, Tc: int, pad_id: int) -> RolloutBatch:
-    """`b` with prompts left-padded to Tp and completions right-padded to Tc (padding is masked out)."""
-    tp = b.prompt_ids.shape[1]
-    routing = None if b.routing is None else [
-        torch.cat([_pad_to(r[:, :tp], Tp, 0, left=True), _pad_to(r[:, tp:], Tc, 0, left=False)], dim=1)
-        for r in b.routing]
-    return RolloutBatch(
-        prompt_ids=_pad_to(b.prompt_ids, Tp, pad_id, left=True), prompt_mask=_pad_to(b.prompt_mask, Tp, 0, left=True),
-        completion_ids=_pad_to(b.completion_ids, Tc, pad_id, left=False),
-        completion_mask=_pad_to(b.completion_mask, Tc, 0, left=False),
-        sampling_logprobs=_pad_to(b.sampling_logprobs, Tc, 0.0, left=False), lengths=b.lengths,
-        finish_reasons=b.finish_reasons, group_index=b.group_index, routing=routing)
-
-
-def _to_device(rb: RolloutBatch, rows: slice, device: torch.device) -> RolloutBatch:
-    return RolloutBatch(
-        prompt_ids=rb.prompt_ids[rows].to(device), prompt_mask=rb.prompt_mask[rows].to(device),
-        completion_ids=rb.completion_ids[rows].to(device), completion_mask=rb.completion_mask[rows].to(device),
-        sampling_logprobs=rb.sampling_logprobs[rows].to(device), lengths=rb.lengths[rows],
-        finish_reasons=rb.finish_reasons[rows], group_index=rb.group_index[rows], routing=None)
 
 
 def train(cfg: Config) -> Trainer:
