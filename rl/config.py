@@ -1,7 +1,9 @@
 """All training configuration as nested dataclasses: one recipe YAML maps onto `Config` one to one.
 
-`load_config(path, overrides)` reads the YAML, applies `key.sub=value` overrides, builds the dataclasses with type
-checks (unknown keys name the closest valid one) and runs `validate` — the one place for cross-field checks.
+`load_recipe(root, path, overrides)` reads the YAML, applies `key.sub=value` overrides and builds the dataclasses with
+type checks (unknown keys name the closest valid one); GRPO's `load_config` and SFT's `load_sft_config` (rl/sft.py)
+both use it. `validate` is the one place for cross-field checks, one checker per section; those of the sections and
+fields SFT shares (`check_model`, `check_data`, `check_optim`, `check_logging`) are SFT's checks too.
 `config_to_dict` is what goes to W&B, the output dir and every checkpoint. Secrets never live here: the W&B key comes
 from the environment (WANDB_API_KEY or ~/.netrc) and a recipe key that looks like a secret is refused.
 
@@ -20,11 +22,12 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 
 _UNION_ORIGINS = (typing.Union, types.UnionType)
+T = TypeVar("T")
 NAMED_TEMPLATES = ("r1_zero", "chat")
 DEFAULT_PROMPTS_PER_STEP = 4
 
@@ -220,19 +223,29 @@ def strip_secrets(value: Any) -> Any:
 
 # Loading
 
+def load_recipe(
+    root: type[T], path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), *,
+    path_keys: tuple[str, ...] = (),
+) -> T:
+    """Recipe YAML (None = all defaults) + `key.sub=value` overrides -> the `root` dataclass (Config, or SFT's
+    SFTConfig), type-checked: unknown keys are errors naming the closest valid one. No cross-field checks: those are
+    the caller's validator. `path_keys` are read_recipe's.
+
+    Override values are parsed as YAML scalars/flow values (`3`, `1e-6`, `null`, `[a, b]`), except for text fields,
+    which take the text verbatim (`data.template=Q: {prompt}`).
+    """
+    raw = {} if path is None else read_recipe(path, path_keys)
+    for item in overrides:
+        _apply_override(raw, item, root)
+    return _build(root, raw, "", root)
+
+
 def load_config(
     path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), *, check_paths: bool = True
 ) -> Config:
-    """Recipe YAML (None = all defaults) + `key.sub=value` overrides -> validated Config.
-
-    Override values are parsed as YAML scalars/flow values (`3`, `1e-6`, `null`, `[a, b]`), except for text fields,
-    which take the text verbatim (`data.template=Q: {prompt}`). `check_paths=False`
-    skips the file-system checks (model / data paths must exist), for tools that build those files first.
-    """
-    raw = {} if path is None else read_recipe(path, RECIPE_PATH_KEYS)
-    for item in overrides:
-        _apply_override(raw, item)
-    cfg = config_from_dict(raw)
+    """GRPO recipe + overrides (see load_recipe) -> validated Config. `check_paths=False` skips the file-system checks
+    (model / data paths must exist), for tools that build those files first."""
+    cfg = load_recipe(Config, path, overrides, path_keys=RECIPE_PATH_KEYS)
     validate(cfg, check_paths=check_paths)
     return cfg
 
@@ -323,11 +336,12 @@ def _exists(path: Path) -> bool:
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
     """Build (type-check, no cross-field validation) a Config from a plain dict, e.g. one stored in a checkpoint."""
-    return _build(Config, raw, "")
+    return _build(Config, raw, "", Config)
 
 
-def config_to_dict(cfg: Config) -> dict[str, Any]:
-    """Plain nested dict of the resolved config, secrets stripped: for W&B, config.yaml and checkpoints."""
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict of a resolved recipe (Config, or SFT's SFTConfig), secrets stripped: for W&B, config.yaml
+    and checkpoints."""
     return strip_secrets(dataclasses.asdict(cfg))
 
 
@@ -335,13 +349,13 @@ def config_to_yaml(cfg: Config) -> str:
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
 
 
-def _apply_override(raw: dict[str, Any], item: str) -> None:
+def _apply_override(raw: dict[str, Any], item: str, root: type) -> None:
     key, sep, text = item.partition("=")
     key = key.strip()
     if not sep or not key:
         raise ConfigError(f"override {item!r} must look like key.sub=value (e.g. train.max_steps=3)")
     parts = key.split(".")
-    if _is_str_field(parts) and text.strip() not in ("null", "~"):
+    if _field_type(root, parts) is str and text.strip() not in ("null", "~"):
         value: Any = text  # verbatim: a template like "Q: {prompt}" is not YAML-parsed into a mapping
     else:
         try:
@@ -355,7 +369,7 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
             node = node[_list_index(node, part, where, item)]
             continue
         if node.get(part) is None:
-            if _field_type(parts[: i + 1]) is list:
+            if _field_type(root, parts[: i + 1]) is list:
                 raise ConfigError(f"override {item!r}: {where} is a list the recipe does not define; set it whole, "
                                   f"e.g. {where}=[...]")
             node[part] = {}
@@ -369,9 +383,9 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
         node[last] = value
 
 
-def _field_type(parts: list[str]) -> Any:
-    """Type (origin for generics) of the field at a key path, or None when the path is not a known field."""
-    tp: Any = Config
+def _field_type(root: type, parts: list[str]) -> Any:
+    """Type (origin for generics) of the field at a key path under `root`, or None when the path is not a field."""
+    tp: Any = root
     for part in parts:
         if typing.get_origin(tp) is list and part.isdigit():
             tp = typing.get_args(tp)[0]
@@ -383,10 +397,6 @@ def _field_type(parts: list[str]) -> Any:
             non_none = [a for a in typing.get_args(tp) if a is not type(None)]
             tp = non_none[0] if len(non_none) == 1 else tp
     return typing.get_origin(tp) or tp
-
-
-def _is_str_field(parts: list[str]) -> bool:
-    return _field_type(parts) is str
 
 
 def _list_index(node: list, part: str, where: str, item: str) -> int:
@@ -406,7 +416,7 @@ def _all_key_paths(cls: type, prefix: str = "") -> list[str]:
     return out
 
 
-def _unknown_key_message(cls: type, key: str, where: str) -> str:
+def _unknown_key_message(cls: type, key: str, where: str, root: type) -> str:
     names = [f.name for f in dataclasses.fields(cls)]
     section = where.rpartition(".")[0]
     msg = f"unknown config key '{where}'"
@@ -414,7 +424,7 @@ def _unknown_key_message(cls: type, key: str, where: str) -> str:
         return (msg + ": secrets are never read from recipes or overrides; set them in the environment "
                 "(WANDB_API_KEY) or ~/.netrc")
     close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
-    elsewhere = [p for p in _all_key_paths(Config) if p.rpartition(".")[2] == key]
+    elsewhere = [p for p in _all_key_paths(root) if p.rpartition(".")[2] == key]
     if close:
         msg += f"; did you mean '{(section + '.' if section else '') + close[0]}'?"
     elif elsewhere:
@@ -424,7 +434,8 @@ def _unknown_key_message(cls: type, key: str, where: str) -> str:
     return msg
 
 
-def _build(cls: type, raw: Any, where: str) -> Any:
+def _build(cls: type, raw: Any, where: str, root: type) -> Any:
+    """`raw` as a `cls` instance; `root` is the recipe's top dataclass, where an unknown key's hint looks."""
     if not isinstance(raw, dict):
         raise ConfigError(f"config '{where or '<root>'}' must be a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
@@ -433,8 +444,8 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     for key, value in raw.items():
         path = f"{where}.{key}" if where else str(key)
         if key not in names:
-            raise ConfigError(_unknown_key_message(cls, str(key), path))
-        kwargs[key] = _convert(value, hints[key], path)
+            raise ConfigError(_unknown_key_message(cls, str(key), path, root))
+        kwargs[key] = _convert(value, hints[key], path, root)
     return cls(**kwargs)
 
 
@@ -461,7 +472,7 @@ def _type_name(tp: Any) -> str:
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
-def _convert(value: Any, tp: Any, where: str) -> Any:
+def _convert(value: Any, tp: Any, where: str, root: type) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is Any:
@@ -475,16 +486,16 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             return None
         for arg in (a for a in args if a is not type(None)):
             try:
-                return _convert(value, arg, where)
+                return _convert(value, arg, where, root)
             except ConfigError:
                 pass
         raise ConfigError(f"config '{where}' expects {_type_name(tp)}; got {value!r}")
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, where)
+        return _build(tp, value, where, root)
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"config '{where}' expects a {_type_name(tp)}; got {value!r}")
-        return [_convert(v, args[0], f"{where}.{i}") for i, v in enumerate(value)]
+        return [_convert(v, args[0], f"{where}.{i}", root) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"config '{where}' expects a mapping; got {value!r}")
@@ -500,7 +511,20 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     raise ConfigError(f"config '{where}' expects {_type_name(tp)}; got {value!r} ({type(value).__name__})")
 
 
-# Validation (the one place for cross-field rules)
+# Validation (the one place for cross-field rules). Each section has its own checker; GRPO's `validate` and SFT's
+# `validate_sft` (rl/sft.py) call the same ones for the sections and fields the two recipes share.
+
+class Problems(list):
+    """What the checkers found wrong, one message each, raised together so a recipe is fixed in one go."""
+
+    def need(self, ok: bool, msg: str) -> None:
+        if not ok:
+            self.append(msg)
+
+    def raise_if_any(self, heading: str) -> None:
+        if self:
+            raise ConfigError(f"{heading}:\n  - " + "\n  - ".join(self))
+
 
 def _looks_local(path: str) -> bool:
     """A path the user means on disk (not a hub id like 'openai/gsm8k')."""
@@ -508,162 +532,185 @@ def _looks_local(path: str) -> bool:
             or Path(path).suffix in (".json", ".jsonl", ".parquet", ".csv", ".safetensors"))
 
 
-def validate(cfg: Config, *, check_paths: bool = True) -> None:
-    """Cross-field checks; also fills derived values (rollout.prompts_per_step / batch_size). Raises ConfigError
-    listing every problem found."""
-    problems: list[str] = []
-
-    def need(ok: bool, msg: str) -> None:
-        if not ok:
-            problems.append(msg)
-
-    m, d, r, a, rw, o, t, lg = (cfg.model, cfg.data, cfg.rollout, cfg.algorithm, cfg.rewards, cfg.optim,
-                                cfg.train, cfg.logging)
-
-    need(bool(m.name_or_path), "model.name_or_path is required (a model directory with config.json + safetensors)")
+def check_model(m: Any, p: Problems, *, check_paths: bool, path_fields: tuple[str, ...]) -> None:
+    """model.name_or_path, the local paths among `path_fields` and model.init_preset (GRPO's and SFT's model
+    sections both have these)."""
+    p.need(bool(m.name_or_path), "model.name_or_path is required (a model directory with config.json + safetensors)")
     if check_paths:
-        for key, value in (("model.name_or_path", m.name_or_path), ("model.tokenizer", m.tokenizer),
-                           ("model.ref_model", m.ref_model)):
+        for name in path_fields:
+            value = getattr(m, name)
             if m.init_preset and value in (None, m.name_or_path):
                 continue  # written at start-up when missing
             if value and _looks_local(value) and not Path(value).expanduser().exists():
-                problems.append(f"{key}: path {value!r} does not exist")
-
+                p.append(f"model.{name}: path {value!r} does not exist")
     if m.init_preset is not None:
         from thinkzero.model.presets import PRESETS
 
-        need(m.init_preset in PRESETS,
-             f"model.init_preset must be one of {', '.join(sorted(PRESETS))} or null; got {m.init_preset!r}")
-    need(bool(d.source), "data.source is required (hub dataset name, local data file or save_to_disk directory)")
+        p.need(m.init_preset in PRESETS,
+               f"model.init_preset must be one of {', '.join(sorted(PRESETS))} or null; got {m.init_preset!r}")
+
+
+def check_data(d: Any, p: Problems, *, check_paths: bool, path_fields: tuple[str, ...]) -> None:
+    """data.source, the local paths among `path_fields`, data.template and data.system_prompt (fields GRPO's and
+    SFT's data sections share)."""
+    p.need(bool(d.source), "data.source is required (hub dataset name, local data file or save_to_disk directory)")
     if check_paths:
-        for key, value in (("data.source", d.source), ("data.eval_source", d.eval_source)):
+        for name in path_fields:
+            value = getattr(d, name)
             if value and _looks_local(value) and not any(c in value for c in "*?[") \
                     and not Path(value).expanduser().exists():
-                problems.append(f"{key}: path {value!r} does not exist")
-    need(d.template in NAMED_TEMPLATES or "{prompt}" in d.template,
-         f"data.template must be one of {', '.join(NAMED_TEMPLATES)} or a string containing {{prompt}}; "
-         f"got {d.template!r}")
-    need(d.system_prompt is None or d.template == "chat",
-         "data.system_prompt is only used with data.template: chat")
-    need(d.max_prompt_length >= 1, f"data.max_prompt_length must be >= 1; got {d.max_prompt_length}")
-    need(d.eval_max_examples is None or d.eval_max_examples >= 1,
-         f"data.eval_max_examples must be >= 1 or null; got {d.eval_max_examples}")
+                p.append(f"data.{name}: path {value!r} does not exist")
+    p.need(d.template in NAMED_TEMPLATES or "{prompt}" in d.template,
+           f"data.template must be one of {', '.join(NAMED_TEMPLATES)} or a string containing {{prompt}}; "
+           f"got {d.template!r}")
+    p.need(d.system_prompt is None or d.template == "chat",
+           "data.system_prompt is only used with data.template: chat")
 
+
+def check_optim(o: OptimSection, p: Problems) -> None:
+    p.need(o.lr > 0, f"optim.lr must be > 0; got {o.lr}")
+    p.need(o.weight_decay >= 0, f"optim.weight_decay must be >= 0; got {o.weight_decay}")
+    p.need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
+           f"optim.betas must be two numbers in [0, 1); got {o.betas}")
+    p.need(o.eps > 0, f"optim.eps must be > 0; got {o.eps}")
+    p.need(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0; got {o.warmup_steps}")
+    p.need(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1]; got {o.min_lr_ratio}")
+    p.need(o.max_grad_norm is None or o.max_grad_norm > 0,
+           f"optim.max_grad_norm must be > 0 or null (no clipping); got {o.max_grad_norm}")
+    p.need(o.max_consecutive_skips >= 1, f"optim.max_consecutive_skips must be >= 1; got {o.max_consecutive_skips}")
+
+
+def check_logging(lg: LoggingSection, p: Problems) -> None:
+    p.need(lg.log_every >= 1, f"logging.log_every must be >= 1; got {lg.log_every}")
+    p.need(lg.completions_every >= 0,
+           f"logging.completions_every must be >= 0 (0 = never); got {lg.completions_every}")
+    p.need(lg.completions_rows >= 1, f"logging.completions_rows must be >= 1; got {lg.completions_rows}")
+
+
+def validate(cfg: Config, *, check_paths: bool = True) -> None:
+    """Cross-field checks; also fills derived values (rollout.prompts_per_step / batch_size). Raises ConfigError
+    listing every problem found."""
+    p = Problems()
+    m, d = cfg.model, cfg.data
+    check_model(m, p, check_paths=check_paths, path_fields=("name_or_path", "tokenizer", "ref_model"))
+    check_data(d, p, check_paths=check_paths, path_fields=("source", "eval_source"))
+    p.need(d.max_prompt_length >= 1, f"data.max_prompt_length must be >= 1; got {d.max_prompt_length}")
+    p.need(d.eval_max_examples is None or d.eval_max_examples >= 1,
+           f"data.eval_max_examples must be >= 1 or null; got {d.eval_max_examples}")
+    _check_rollout(cfg.rollout, p)
+    _check_algorithm(cfg.algorithm, cfg.rollout.batch_size, p)
+    _check_rewards(cfg.rewards, p)
+    check_optim(cfg.optim, p)
+    _check_train(cfg.train, d, p, check_paths=check_paths)
+    check_logging(cfg.logging, p)
+    p.raise_if_any("invalid config")
+
+
+def _check_rollout(r: RolloutSection, p: Problems) -> None:
+    """Also derives prompts_per_step and batch_size from each other (one of them, or the default)."""
     G = r.num_generations
-    need(G >= 2, f"rollout.num_generations must be >= 2 (advantages compare completions within a group); got {G}")
+    p.need(G >= 2, f"rollout.num_generations must be >= 2 (advantages compare completions within a group); got {G}")
     if r.batch_size is not None:
         if G >= 1 and r.batch_size % G != 0:
-            problems.append(f"rollout.batch_size ({r.batch_size}) must be divisible by rollout.num_generations "
-                            f"({G}): each prompt gets a whole group")
+            p.append(f"rollout.batch_size ({r.batch_size}) must be divisible by rollout.num_generations ({G}): each "
+                     f"prompt gets a whole group")
         elif G >= 1:
             derived = r.batch_size // G
             if r.prompts_per_step is not None and r.prompts_per_step != derived:
-                problems.append(f"rollout.prompts_per_step ({r.prompts_per_step}) disagrees with rollout.batch_size "
-                                f"({r.batch_size}) / num_generations ({G}) = {derived}; give only one of them")
+                p.append(f"rollout.prompts_per_step ({r.prompts_per_step}) disagrees with rollout.batch_size "
+                         f"({r.batch_size}) / num_generations ({G}) = {derived}; give only one of them")
             r.prompts_per_step = derived
     elif r.prompts_per_step is None:
         r.prompts_per_step = DEFAULT_PROMPTS_PER_STEP
-    need(r.prompts_per_step is not None and r.prompts_per_step >= 1,
-         f"rollout.prompts_per_step must be >= 1; got {r.prompts_per_step}")
+    p.need(r.prompts_per_step is not None and r.prompts_per_step >= 1,
+           f"rollout.prompts_per_step must be >= 1; got {r.prompts_per_step}")
     if r.prompts_per_step is not None and G >= 1:
         r.batch_size = r.prompts_per_step * G
-    need(r.max_new_tokens >= 1, f"rollout.max_new_tokens must be >= 1; got {r.max_new_tokens}")
-    need(r.temperature >= 0, f"rollout.temperature must be >= 0; got {r.temperature}")
-    need(0 < r.top_p <= 1, f"rollout.top_p must be in (0, 1]; got {r.top_p}")
-    need(r.top_k >= 0, f"rollout.top_k must be >= 0 (0 = off); got {r.top_k}")
+    p.need(r.max_new_tokens >= 1, f"rollout.max_new_tokens must be >= 1; got {r.max_new_tokens}")
+    p.need(r.temperature >= 0, f"rollout.temperature must be >= 0; got {r.temperature}")
+    p.need(0 < r.top_p <= 1, f"rollout.top_p must be in (0, 1]; got {r.top_p}")
+    p.need(r.top_k >= 0, f"rollout.top_k must be >= 0 (0 = off); got {r.top_k}")
     v = r.vllm
-    need(0 < v.gpu_memory_utilization <= 1,
-         f"rollout.vllm.gpu_memory_utilization must be in (0, 1]; got {v.gpu_memory_utilization}")
-    need(v.tensor_parallel_size >= 1, f"rollout.vllm.tensor_parallel_size must be >= 1; got {v.tensor_parallel_size}")
-    need(v.cpu_kv_cache_space_gib > 0, f"rollout.vllm.cpu_kv_cache_space_gib must be > 0; got {v.cpu_kv_cache_space_gib}")
-    need(v.max_model_len is None or v.max_model_len >= 2,
-         f"rollout.vllm.max_model_len must be >= 2 or null; got {v.max_model_len}")
-    rc = cfg.algorithm.rollout_correction
-    need(rc.cap > 1, f"algorithm.rollout_correction.cap must be > 1; got {rc.cap}")
+    p.need(0 < v.gpu_memory_utilization <= 1,
+           f"rollout.vllm.gpu_memory_utilization must be in (0, 1]; got {v.gpu_memory_utilization}")
+    p.need(v.tensor_parallel_size >= 1,
+           f"rollout.vllm.tensor_parallel_size must be >= 1; got {v.tensor_parallel_size}")
+    p.need(v.cpu_kv_cache_space_gib > 0,
+           f"rollout.vllm.cpu_kv_cache_space_gib must be > 0; got {v.cpu_kv_cache_space_gib}")
+    p.need(v.max_model_len is None or v.max_model_len >= 2,
+           f"rollout.vllm.max_model_len must be >= 2 or null; got {v.max_model_len}")
 
-    need(0 < a.epsilon < 1, f"algorithm.epsilon must be in (0, 1) (lower clip 1 - epsilon > 0); got {a.epsilon}")
-    need(a.epsilon_high is None or a.epsilon_high > 0,
-         f"algorithm.epsilon_high must be > 0 or null (= epsilon); got {a.epsilon_high}")
-    need(a.beta >= 0 and math.isfinite(a.beta), f"algorithm.beta must be >= 0; got {a.beta}")
-    need(a.num_iterations >= 1, f"algorithm.num_iterations must be >= 1; got {a.num_iterations}")
-    batch = r.batch_size
+
+def _check_algorithm(a: AlgorithmSection, batch: int | None, p: Problems) -> None:
+    """`batch` is the rollout's completions per step (derived by _check_rollout), which mini-batches must divide."""
+    rc = a.rollout_correction
+    p.need(rc.cap > 1, f"algorithm.rollout_correction.cap must be > 1; got {rc.cap}")
+    p.need(0 < a.epsilon < 1, f"algorithm.epsilon must be in (0, 1) (lower clip 1 - epsilon > 0); got {a.epsilon}")
+    p.need(a.epsilon_high is None or a.epsilon_high > 0,
+           f"algorithm.epsilon_high must be > 0 or null (= epsilon); got {a.epsilon_high}")
+    p.need(a.beta >= 0 and math.isfinite(a.beta), f"algorithm.beta must be >= 0; got {a.beta}")
+    p.need(a.num_iterations >= 1, f"algorithm.num_iterations must be >= 1; got {a.num_iterations}")
     if a.mini_batch_size is not None:
-        need(a.mini_batch_size >= 1, f"algorithm.mini_batch_size must be >= 1; got {a.mini_batch_size}")
+        p.need(a.mini_batch_size >= 1, f"algorithm.mini_batch_size must be >= 1; got {a.mini_batch_size}")
         if batch and a.mini_batch_size >= 1:
-            need(batch % a.mini_batch_size == 0,
-                 f"algorithm.mini_batch_size ({a.mini_batch_size}) must divide the step's batch of "
-                 f"prompts_per_step * num_generations = {batch} completions")
+            p.need(batch % a.mini_batch_size == 0,
+                   f"algorithm.mini_batch_size ({a.mini_batch_size}) must divide the step's batch of "
+                   f"prompts_per_step * num_generations = {batch} completions")
     if a.micro_batch_size is not None:
-        need(a.micro_batch_size >= 1, f"algorithm.micro_batch_size must be >= 1; got {a.micro_batch_size}")
-    need(a.max_extra_draws >= 0, f"algorithm.max_extra_draws must be >= 0; got {a.max_extra_draws}")
-    need(a.moe.router_bias_update_gamma >= 0,
-         f"algorithm.moe.router_bias_update_gamma must be >= 0; got {a.moe.router_bias_update_gamma}")
-    need(a.moe.aux_loss_coef >= 0, f"algorithm.moe.aux_loss_coef must be >= 0; got {a.moe.aux_loss_coef}")
+        p.need(a.micro_batch_size >= 1, f"algorithm.micro_batch_size must be >= 1; got {a.micro_batch_size}")
+    p.need(a.max_extra_draws >= 0, f"algorithm.max_extra_draws must be >= 0; got {a.max_extra_draws}")
+    p.need(a.moe.router_bias_update_gamma >= 0,
+           f"algorithm.moe.router_bias_update_gamma must be >= 0; got {a.moe.router_bias_update_gamma}")
+    p.need(a.moe.aux_loss_coef >= 0, f"algorithm.moe.aux_loss_coef must be >= 0; got {a.moe.aux_loss_coef}")
 
-    need(len(rw.functions) >= 1, "rewards.functions must list at least one reward function")
+
+def _check_rewards(rw: RewardsSection, p: Problems) -> None:
+    p.need(len(rw.functions) >= 1, "rewards.functions must list at least one reward function")
     for i, fn in enumerate(rw.functions):
-        need(bool(fn.name), f"rewards.functions.{i}.name is required")
-        need(math.isfinite(fn.weight), f"rewards.functions.{i}.weight must be finite; got {fn.weight}")
+        p.need(bool(fn.name), f"rewards.functions.{i}.name is required")
+        p.need(math.isfinite(fn.weight), f"rewards.functions.{i}.weight must be finite; got {fn.weight}")
         for key in fn.params:
-            need(not is_secret_key(key),
-                 f"rewards.functions.{i}.params.{key}: looks like a secret, and secrets are never read from recipes "
-                 "or overrides; set it in the environment and read it inside the reward function")
-    need(rw.num_workers >= 0, f"rewards.num_workers must be >= 0 (0 = in-process); got {rw.num_workers}")
-    need(rw.timeout_s > 0, f"rewards.timeout_s must be > 0; got {rw.timeout_s}")
-    need(rw.max_consecutive_timeouts >= 1,
-         f"rewards.max_consecutive_timeouts must be >= 1; got {rw.max_consecutive_timeouts}")
+            p.need(not is_secret_key(key),
+                   f"rewards.functions.{i}.params.{key}: looks like a secret, and secrets are never read from "
+                   "recipes or overrides; set it in the environment and read it inside the reward function")
+    p.need(rw.num_workers >= 0, f"rewards.num_workers must be >= 0 (0 = in-process); got {rw.num_workers}")
+    p.need(rw.timeout_s > 0, f"rewards.timeout_s must be > 0; got {rw.timeout_s}")
+    p.need(rw.max_consecutive_timeouts >= 1,
+           f"rewards.max_consecutive_timeouts must be >= 1; got {rw.max_consecutive_timeouts}")
 
-    need(o.lr > 0, f"optim.lr must be > 0; got {o.lr}")
-    need(o.weight_decay >= 0, f"optim.weight_decay must be >= 0; got {o.weight_decay}")
-    need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
-         f"optim.betas must be two numbers in [0, 1); got {o.betas}")
-    need(o.eps > 0, f"optim.eps must be > 0; got {o.eps}")
-    need(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0; got {o.warmup_steps}")
-    need(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1]; got {o.min_lr_ratio}")
-    need(o.max_grad_norm is None or o.max_grad_norm > 0,
-         f"optim.max_grad_norm must be > 0 or null (no clipping); got {o.max_grad_norm}")
-    need(o.max_consecutive_skips >= 1, f"optim.max_consecutive_skips must be >= 1; got {o.max_consecutive_skips}")
 
-    need(t.max_steps >= 1, f"train.max_steps must be >= 1; got {t.max_steps}")
-    need(t.save_every >= 0, f"train.save_every must be >= 0 (0 = only at the end); got {t.save_every}")
-    need(t.keep_last >= 1, f"train.keep_last must be >= 1; got {t.keep_last}")
-    need(t.eval_every >= 0, f"train.eval_every must be >= 0 (0 = never); got {t.eval_every}")
-    need(t.dist_timeout_s > 0, f"train.dist_timeout_s must be > 0 seconds; got {t.dist_timeout_s}")
-    need(bool(t.output_dir), "train.output_dir is required")
+def _check_train(t: TrainSection, d: DataSection, p: Problems, *, check_paths: bool) -> None:
+    p.need(t.max_steps >= 1, f"train.max_steps must be >= 1; got {t.max_steps}")
+    p.need(t.save_every >= 0, f"train.save_every must be >= 0 (0 = only at the end); got {t.save_every}")
+    p.need(t.keep_last >= 1, f"train.keep_last must be >= 1; got {t.keep_last}")
+    p.need(t.eval_every >= 0, f"train.eval_every must be >= 0 (0 = never); got {t.eval_every}")
+    p.need(t.dist_timeout_s > 0, f"train.dist_timeout_s must be > 0 seconds; got {t.dist_timeout_s}")
+    p.need(bool(t.output_dir), "train.output_dir is required")
     if t.output_dir and Path(t.output_dir).expanduser().exists() and not Path(t.output_dir).expanduser().is_dir():
-        problems.append(f"train.output_dir {t.output_dir!r} is an existing file; it must be a directory (or not exist)")
+        p.append(f"train.output_dir {t.output_dir!r} is an existing file; it must be a directory (or not exist)")
     if t.resume not in ("none", "auto") and check_paths:
-        need(Path(t.resume).expanduser().is_dir(),
-             f"train.resume must be 'none', 'auto' or an existing checkpoint directory; {t.resume!r} does not exist")
+        p.need(Path(t.resume).expanduser().is_dir(),
+               f"train.resume must be 'none', 'auto' or an existing checkpoint directory; {t.resume!r} does not exist")
     if t.eval_every > 0:
-        need(d.eval_split is not None, "train.eval_every > 0 needs data.eval_split (which split to evaluate on)")
-
-    need(lg.log_every >= 1, f"logging.log_every must be >= 1; got {lg.log_every}")
-    need(lg.completions_every >= 0, f"logging.completions_every must be >= 0 (0 = never); got {lg.completions_every}")
-    need(lg.completions_rows >= 1, f"logging.completions_rows must be >= 1; got {lg.completions_rows}")
-
-    if problems:
-        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+        p.need(d.eval_split is not None, "train.eval_every > 0 needs data.eval_split (which split to evaluate on)")
 
 
 def check_world_size(cfg: Config, world_size: int) -> None:
     """Checks that need the number of processes (known only once the trainer starts): each rank owns whole groups
     and an equal share of every mini-batch."""
     r, a = cfg.rollout, cfg.algorithm
-    problems = []
+    p = Problems()
     P = r.prompts_per_step or 0
     if P % world_size:
-        problems.append(f"rollout.prompts_per_step ({P}) must be divisible by the number of processes "
-                        f"({world_size}): each process owns whole groups")
+        p.append(f"rollout.prompts_per_step ({P}) must be divisible by the number of processes "
+                 f"({world_size}): each process owns whole groups")
     mini = a.mini_batch_size or (r.batch_size or 0)
     if mini % world_size:
-        problems.append(f"algorithm.mini_batch_size ({mini}) must be divisible by the number of processes "
-                        f"({world_size})")
+        p.append(f"algorithm.mini_batch_size ({mini}) must be divisible by the number of processes ({world_size})")
     elif a.micro_batch_size is not None and (mini // world_size) % a.micro_batch_size:
-        problems.append(f"algorithm.micro_batch_size ({a.micro_batch_size}) must divide the per-process "
-                        f"mini-batch of {mini // world_size} completions ({mini} over {world_size} processes)")
-    if problems:
-        raise ConfigError("invalid config for this launch:\n  - " + "\n  - ".join(problems))
+        p.append(f"algorithm.micro_batch_size ({a.micro_batch_size}) must divide the per-process "
+                 f"mini-batch of {mini // world_size} completions ({mini} over {world_size} processes)")
+    p.raise_if_any("invalid config for this launch")
 
 
 # Help text

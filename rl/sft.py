@@ -6,15 +6,14 @@ never targets. The result is written in the same Hugging Face directory format a
 (model.save_model + tokenizer.save), so `scripts/train.py` and `scripts/evaluate.py` load it as is.
 
 The recipe maps onto `SFTConfig` the way a GRPO recipe maps onto rl.config.Config: unknown keys are errors naming
-the closest valid key, and `key.sub=value` overrides apply on top. The optimizer and logging sections are GRPO's.
+the closest valid key, and `key.sub=value` overrides apply on top (rl.config.load_recipe loads both). The optimizer
+and logging sections are GRPO's, and so are their checks and those of the model and data fields the two share.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -24,13 +23,15 @@ import yaml
 
 from thinkzero.model.checkpoint import DTYPES
 from thinkzero.rl.config import (
-    NAMED_TEMPLATES,
-    ConfigError,
     LoggingSection,
     OptimSection,
-    _build,
-    read_recipe,
-    strip_secrets,
+    Problems,
+    check_data,
+    check_logging,
+    check_model,
+    check_optim,
+    config_to_dict,
+    load_recipe,
 )
 from thinkzero.rl.data import DataError, load_rows, render_prompt
 from thinkzero.rl.optim import adamw, lr_lambda, seed_everything
@@ -78,75 +79,38 @@ class SFTConfig:
 
 # Config loading
 
+# Input paths a relative recipe value names, resolved against the recipe's directory (rl.config.read_recipe).
+SFT_PATH_KEYS = ("model.name_or_path", "model.tokenizer", "data.source")
+
+
 def load_sft_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> SFTConfig:
-    """Recipe YAML (None = defaults) + `key.sub=value` overrides -> validated SFTConfig."""
-    raw: Any = {} if path is None else read_recipe(path, ("model.name_or_path", "model.tokenizer", "data.source"))
-    for item in overrides:
-        _apply_override(raw, item)
-    cfg = _build(SFTConfig, raw, "")
+    """Recipe YAML (None = defaults) + `key.sub=value` overrides -> validated SFTConfig (rl.config.load_recipe, the
+    loader GRPO recipes go through)."""
+    cfg = load_recipe(SFTConfig, path, overrides, path_keys=SFT_PATH_KEYS)
     validate_sft(cfg)
     return cfg
 
 
-def _apply_override(raw: dict, item: str) -> None:
-    key, sep, text = item.partition("=")
-    parts = key.strip().split(".")
-    if not sep or not key.strip():
-        raise ConfigError(f"override {item!r} must look like key.sub=value (e.g. train.epochs=2)")
-    tp: Any = SFTConfig
-    for part in parts:  # type of the target field, to keep text fields verbatim (templates contain ':' and '{')
-        hints = typing.get_type_hints(tp) if dataclasses.is_dataclass(tp) else {}
-        tp = hints.get(part)
-    is_text = tp is str or tp == (str | None)
-    value: Any = text if is_text and text.strip() not in ("null", "~") else yaml.safe_load(text)
-    node = raw
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {item!r}: {part} is a value, not a section")
-    node[parts[-1]] = value
-
-
 def validate_sft(cfg: SFTConfig) -> None:
-    problems = []
-
-    def need(ok: bool, msg: str) -> None:
-        if not ok:
-            problems.append(msg)
-
-    m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
-    need(bool(m.name_or_path), "model.name_or_path is required (a model directory, or where init_preset writes one)")
+    """SFT's own fields, and the sections and fields it shares with GRPO through the same checkers (and messages)."""
+    p = Problems()
+    m, d, t = cfg.model, cfg.data, cfg.train
+    check_model(m, p, check_paths=True, path_fields=("tokenizer",))
     if m.name_or_path and not m.init_preset:
-        need((Path(m.name_or_path) / "config.json").is_file(),
-             f"model.name_or_path: {m.name_or_path!r} has no config.json (set model.init_preset to start from a "
-             "random-init model)")
-    if m.init_preset is not None:
-        from thinkzero.model.presets import PRESETS
-
-        need(m.init_preset in PRESETS, f"model.init_preset must be one of {', '.join(sorted(PRESETS))} or null; "
-                                       f"got {m.init_preset!r}")
-    need(bool(d.source), "data.source is required (hub dataset name, local data file or save_to_disk directory)")
-    need(d.template in NAMED_TEMPLATES or "{prompt}" in d.template,
-         f"data.template must be one of {', '.join(NAMED_TEMPLATES)} or a string containing {{prompt}}; "
-         f"got {d.template!r}")
-    need(d.max_length >= 2, f"data.max_length must be >= 2; got {d.max_length}")
-    need(d.max_examples is None or d.max_examples >= 1, f"data.max_examples must be >= 1 or null; got {d.max_examples}")
-    need(t.epochs >= 1, f"train.epochs must be >= 1; got {t.epochs}")
-    need(t.max_steps is None or t.max_steps >= 1, f"train.max_steps must be >= 1 or null; got {t.max_steps}")
-    need(t.batch_size >= 1, f"train.batch_size must be >= 1; got {t.batch_size}")
-    need(bool(t.output_dir), "train.output_dir is required")
-    need(o.lr > 0, f"optim.lr must be > 0; got {o.lr}")
-    need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optim.betas must be two numbers in [0, 1); "
-                                                                  f"got {o.betas}")
-    need(o.max_grad_norm is None or o.max_grad_norm > 0, f"optim.max_grad_norm must be > 0 or null; "
-                                                         f"got {o.max_grad_norm}")
-    need(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1]; got {o.min_lr_ratio}")
-    if problems:
-        raise ConfigError("invalid SFT config:\n  - " + "\n  - ".join(problems))
-
-
-def sft_config_to_dict(cfg: SFTConfig) -> dict[str, Any]:
-    return strip_secrets(dataclasses.asdict(cfg))
+        p.need((Path(m.name_or_path) / "config.json").is_file(),
+               f"model.name_or_path: {m.name_or_path!r} has no config.json (set model.init_preset to start from a "
+               "random-init model)")
+    check_data(d, p, check_paths=True, path_fields=("source",))
+    p.need(d.max_length >= 2, f"data.max_length must be >= 2; got {d.max_length}")
+    p.need(d.max_examples is None or d.max_examples >= 1,
+           f"data.max_examples must be >= 1 or null; got {d.max_examples}")
+    p.need(t.epochs >= 1, f"train.epochs must be >= 1; got {t.epochs}")
+    p.need(t.max_steps is None or t.max_steps >= 1, f"train.max_steps must be >= 1 or null; got {t.max_steps}")
+    p.need(t.batch_size >= 1, f"train.batch_size must be >= 1; got {t.batch_size}")
+    p.need(bool(t.output_dir), "train.output_dir is required")
+    check_optim(cfg.optim, p)
+    check_logging(cfg.logging, p)
+    p.raise_if_any("invalid SFT config")
 
 
 # Data
@@ -226,7 +190,7 @@ def train_sft(cfg: SFTConfig) -> Path:
     seed_everything(t.seed)
     out_dir = Path(t.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "sft_config.yaml").write_text(yaml.safe_dump(sft_config_to_dict(cfg), sort_keys=False))
+    (out_dir / "sft_config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     if m.init_preset and not (Path(m.name_or_path) / "config.json").is_file():
         from thinkzero.model.presets import write_random_model
 
@@ -250,7 +214,7 @@ def train_sft(cfg: SFTConfig) -> Path:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(o.warmup_steps, total_steps, o.schedule, o.min_lr_ratio))
     lg = cfg.logging
-    tracker = Tracker(out_dir, is_main=True, config={"sft": sft_config_to_dict(cfg)}, project=lg.project,
+    tracker = Tracker(out_dir, is_main=True, config={"sft": config_to_dict(cfg)}, project=lg.project,
                       entity=lg.entity, run_name=lg.run_name, tags=lg.tags, group=lg.group, mode=lg.mode,
                       console=lg.console, total_steps=total_steps)
     if dropped:

@@ -12,12 +12,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from thinkzero.rl.cli import USER_ERRORS, fail  # noqa: E402
-from thinkzero.rl.sft import load_sft_config, train_sft  # noqa: E402
+from thinkzero.rl.config import config_help  # noqa: E402
+from thinkzero.rl.sft import SFTConfig, load_sft_config, train_sft  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
+        print("Recipe keys (YAML sections, or key.sub=value overrides), with their defaults:\n")
+        print(config_help(SFTConfig))
         return 0 if argv else 2
     try:
         train_sft(load_sft_config(argv[0], argv[1:]))

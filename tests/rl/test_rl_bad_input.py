@@ -158,6 +158,47 @@ def test_sft_and_evaluate_scripts_explain_bad_input_too(setup, capsys, tmp_path)
     assert code == 2 and err.startswith("error: ") and "no_model" in err and "Traceback" not in err, err
 
 
+def _sft_recipe(setup, tmp_path) -> Path:
+    root = setup[0]
+    path = tmp_path / "sft.json"
+    path.write_text(json.dumps({
+        "model": {"name_or_path": str(root / "model")},
+        "data": {"source": str(root / "train.jsonl"), "prompt_column": "question", "completion_column": "answer"},
+        "train": {"output_dir": str(tmp_path / "sft")},
+        "logging": {"mode": "disabled", "console": False},
+    }))
+    return path
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.epochs", "error: override 'train.epochs' must look like key.sub=value (e.g. train.max_steps=3)"),
+        ("=3", "error: override '=3' must look like key.sub=value"),
+        ("nosuchkey=1", "error: unknown config key 'nosuchkey'; valid keys here: model, data, optim, train, logging"),
+        ("train.epochs=abc", "error: config 'train.epochs' expects int; got 'abc' (str)"),
+        ("train.epochs=[1", "error: override 'train.epochs=[1': value is not valid YAML"),  # was yaml's traceback
+        ("optim.weight_decay=-1", "  - optim.weight_decay must be >= 0; got -1.0"),  # was AdamW's, after loading
+    ],
+)
+def test_sft_override_mistakes(setup, capsys, tmp_path, override, message):
+    code = _script("sft").main([str(_sft_recipe(setup, tmp_path)), override])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and message in err and "Traceback" not in err, err
+    assert not (tmp_path / "sft").exists()  # refused before anything ran
+
+
+@pytest.mark.parametrize("override", ["train.max_steps", "=3", "optim.lr=abc", "train.max_steps=[1",
+                                      "optim.eps=0", "logging.completions_rows=0"])
+def test_sft_and_train_word_a_mistake_alike(setup, capsys, tmp_path, override):
+    """One loader and one checker per shared section: both scripts print the same paragraph (bar the heading)."""
+    sft_code = _script("sft").main([str(_sft_recipe(setup, tmp_path)), override])
+    sft_err = capsys.readouterr().err
+    code, err = _run(setup, capsys, override)
+    assert sft_code == code == 2
+    assert sft_err.replace("invalid SFT config:", "invalid config:") == err, (sft_err, err)
+
+
 @pytest.mark.parametrize("template", ["{{ messages.append('x') }}", "{{ ().__class__.__base__.__subclasses__() }}"])
 def test_malicious_chat_template(setup, capsys, tmp_path, template):
     root = setup[0]

@@ -1,6 +1,7 @@
 """Recipe loading: overrides, type checks, unknown keys, cross-field validation, secrets."""
 
 import dataclasses
+from dataclasses import dataclass, field
 
 import pytest
 import yaml
@@ -14,7 +15,9 @@ from thinkzero.rl.config import (
     config_to_yaml,
     is_secret_key,
     load_config,
+    load_recipe,
 )
+from thinkzero.rl.sft import SFTConfig
 
 BASE = ["model.name_or_path=org/model", "data.source=openai/gsm8k"]  # hub-looking ids: no path checks
 
@@ -256,20 +259,62 @@ def test_duplicated_recipe_key_is_an_error(tmp_path):
         load_config(recipe)
 
 
-def test_train_help_lists_every_config_key_with_its_default(capsys):
+def _script_help(name: str, capsys) -> str:
     import importlib.util
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[2] / "scripts" / "train.py"
-    spec = importlib.util.spec_from_file_location("thinkzero_train_help", script)
+    script = Path(__file__).resolve().parents[2] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"thinkzero_{name}_help", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.main(["--help"]) == 0
-    out = capsys.readouterr().out
+    return capsys.readouterr().out
+
+
+def test_train_help_shows_types_defaults_and_comments(capsys):
+    out = _script_help("train", capsys)
     assert "\ntrain:\n" in out and "\n  max_steps: 100  (int)\n" in out
     assert "\n  moe:\n    router_bias_update_gamma: 0.0  (float)" in out  # a nested section
     assert "    routing_replay: false  (bool)  # reuse the rollout's experts" in out  # the field's comment
     assert "  loss_type: dapo  ('grpo' | 'bnpo' | 'dr_grpo' | 'dapo' | 'gspo')" in out
-    for section in dataclasses.fields(Config):
-        for f in dataclasses.fields(getattr(Config(), section.name)):
-            assert f"  {f.name}:" in out, f"{section.name}.{f.name} missing from --help"
+
+
+def test_sft_help_shows_sft_defaults(capsys):
+    out = _script_help("sft", capsys)
+    assert "\ntrain:\n  epochs: 1  (int)\n" in out
+    assert "\n  lr: 0.0001  (float)\n" in out  # SFT's own optim default, not GRPO's 1e-6
+    assert "  completion_column: completion  (str)  # the worked solution the model learns to write" in out
+
+
+@pytest.mark.parametrize("name, root", [("train", Config), ("sft", SFTConfig)])
+def test_script_help_lists_every_recipe_key(capsys, name, root):
+    out = _script_help(name, capsys)
+    for section in dataclasses.fields(root):
+        for f in dataclasses.fields(getattr(root(), section.name)):
+            assert f"  {f.name}:" in out, f"{section.name}.{f.name} missing from {name}.py --help"
+
+@dataclass
+class _Steps:
+    steps: int = 1
+    note: str = ""
+
+
+@dataclass
+class _Root:
+    run: _Steps = field(default_factory=_Steps)
+    extra: _Steps = field(default_factory=_Steps)
+
+
+def test_load_recipe_builds_any_root_dataclass(tmp_path):
+    """The loader GRPO and SFT share: YAML + overrides onto the root it is given, whose keys the hints name."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("run: {steps: 2}\n")
+    cfg = load_recipe(_Root, recipe, ["run.note=a: {b}", "extra.steps=3"])
+    assert cfg == _Root(run=_Steps(steps=2, note="a: {b}"), extra=_Steps(steps=3))  # text verbatim, ints parsed
+    with pytest.raises(ConfigError, match=_re("unknown config key 'run.step'; did you mean 'run.steps'?")):
+        load_recipe(_Root, recipe, ["run.step=3"])
+    # Config has optim.lr, but this root does not: the hint lists this root's keys
+    with pytest.raises(ConfigError, match=_re("unknown config key 'run.lr'; valid keys here: steps, note")):
+        load_recipe(_Root, recipe, ["run.lr=3"])
+    with pytest.raises(ConfigError, match=_re("config 'extra.steps' expects int; got 'many' (str)")):
+        load_recipe(_Root, None, ["extra.steps=many"])

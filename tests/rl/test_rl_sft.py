@@ -10,7 +10,7 @@ from thinkzero.model import load_model, load_tokenizer
 from thinkzero.model.presets import write_random_model
 from thinkzero.model.tokenizer import build_char_tokenizer
 from thinkzero.rl.arithmetic import Difficulty, make_problems, write_jsonl
-from thinkzero.rl.config import ConfigError
+from thinkzero.rl.config import ConfigError, load_config
 from thinkzero.rl.sft import build_sft_examples, collate, completion_nll, load_sft_config, train_sft
 
 
@@ -41,6 +41,41 @@ def test_unknown_keys_and_bad_values_are_errors(tmp_path):
         load_sft_config(recipe, ["model.init_preset=huge"])
     cfg = load_sft_config(recipe, ["data.template=Q: {prompt}\nA:", "optim.lr=1e-4"])
     assert cfg.data.template == "Q: {prompt}\nA:" and cfg.optim.lr == 1e-4  # text kept verbatim; numbers parsed
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.eps=0", "optim.eps must be > 0; got 0.0"),
+        ("optim.weight_decay=-0.1", "optim.weight_decay must be >= 0; got -0.1"),
+        ("optim.warmup_steps=-1", "optim.warmup_steps must be >= 0; got -1"),
+        ("optim.min_lr_ratio=1.5", "optim.min_lr_ratio must be in [0, 1]; got 1.5"),
+        ("optim.max_grad_norm=0", "optim.max_grad_norm must be > 0 or null (no clipping); got 0.0"),
+        ("optim.max_consecutive_skips=0", "optim.max_consecutive_skips must be >= 1; got 0"),
+        ("optim.schedule=linear", "config 'optim.schedule' must be one of 'constant', 'cosine'; got 'linear'"),
+        ("logging.log_every=0", "logging.log_every must be >= 1; got 0"),
+        ("data.system_prompt=be brief", "data.system_prompt is only used with data.template: chat"),
+        ("data.source=/no/such/sft.jsonl", "data.source: path '/no/such/sft.jsonl' does not exist"),
+        ("model.tokenizer=./no/such/tokenizer", "model.tokenizer: path './no/such/tokenizer' does not exist"),
+    ],
+)
+def test_shared_sections_are_checked_as_grpo_checks_them(tmp_path, override, message):
+    """SFT's optim, logging and shared model/data fields go through GRPO's checkers: same rule, same words."""
+    with pytest.raises(ConfigError) as sft_error:
+        load_sft_config(_recipe(tmp_path), [override])
+    assert message in str(sft_error.value)
+    grpo = ["model.name_or_path=org/model", "data.source=openai/gsm8k", override]  # hub ids: only override's path
+    with pytest.raises(ConfigError) as grpo_error:
+        load_config(None, grpo)
+    assert message in str(grpo_error.value)
+
+
+def test_an_unknown_key_hint_names_an_sft_key(tmp_path):
+    """The hint looks in SFT's recipe, not GRPO's: rollout.max_new_tokens does not exist here."""
+    with pytest.raises(ConfigError, match="valid keys here: epochs, max_steps, batch_size, seed, output_dir"):
+        load_sft_config(_recipe(tmp_path), ["train.max_new_tokens=3"])
+    with pytest.raises(ConfigError, match="did you mean 'optim.lr'"):
+        load_sft_config(_recipe(tmp_path), ["train.lr=1e-3"])
 
 
 def test_only_completion_tokens_are_targets():
@@ -97,3 +132,4 @@ def test_without_the_console_bar_sft_prints_a_progress_line_every_tenth_of_the_r
     assert [line.split()[2] for line in lines] == [f"{s}/20" for s in range(2, 21, 2)]
     assert [line.split()[4] for line in lines] == [f"{losses[s - 1]:.4g}" for s in range(2, 21, 2)]
     assert all(line.endswith("steps/s") for line in lines)
+
