@@ -5,7 +5,8 @@ One preallocated buffer (L, B, S_cap, kv_lora_rank + qk_rope_head_dim) holds eve
 Rows are sequences; all rows share `length` (left padding is expressed by the attention mask, not by per-row
 lengths).
 
-Use: for each layer `update(i, kv, k_pe)` during a forward, then `advance(t)` once all layers have written.
+Use: for each layer `update_latent(i, kv, k_pe)` during a forward, then `advance(t)` once all layers have
+written.
 """
 
 import torch
@@ -77,13 +78,6 @@ class LatentCache:
         layer[:, self.length : end, : self.kv_lora_rank] = kv
         layer[:, self.length : end, self.kv_lora_rank :] = k_pe
         return layer[:, :end]
-
-    def update(
-        self, layer_idx: int, kv: torch.Tensor, k_pe: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Writes kv (B, t, C), k_pe (B, t, R); returns kv_all (B, length+t, C), k_pe_all (B, length+t, R)."""
-        latent = self.update_latent(layer_idx, kv, k_pe)
-        return latent[..., : self.kv_lora_rank], latent[..., self.kv_lora_rank :]
 
     def advance(self, t: int) -> None:
         if self.length + t > self.capacity:

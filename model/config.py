@@ -218,30 +218,10 @@ class ModelConfig:
                 f"{self.first_k_dense_replace}"
             )
         if self.n_routed_experts is not None:
-            if not self.moe_intermediate_size or not self.num_experts_per_tok:
-                errors.append(
-                    "n_routed_experts is set, so moe_intermediate_size and num_experts_per_tok must be too"
-                )
-            elif not 0 < self.num_experts_per_tok <= self.n_routed_experts:
-                errors.append(
-                    f"num_experts_per_tok={self.num_experts_per_tok} must be in [1, n_routed_experts="
-                    f"{self.n_routed_experts}]"
-                )
-            if self.scoring_func not in SCORING_FUNCS:
-                errors.append(
-                    f"scoring_func={self.scoring_func!r} is not supported; expected one of {SCORING_FUNCS}"
-                )
-            if self.topk_method not in TOPK_METHODS:
-                errors.append(
-                    f"topk_method={self.topk_method!r} is not supported; expected one of {TOPK_METHODS}"
-                )
-            grouped = self.topk_method in ("group_limited_greedy", "noaux_tc")
-            if grouped and (not self.n_group or not self.topk_group or self.n_routed_experts % self.n_group):
-                errors.append(
-                    f"topk_method={self.topk_method!r} needs n_group dividing n_routed_experts, "
-                    f"and topk_group; got n_group={self.n_group}, topk_group={self.topk_group}, "
-                    f"n_routed_experts={self.n_routed_experts}"
-                )
+            if not self.moe_intermediate_size:
+                errors.append("n_routed_experts is set, so moe_intermediate_size must be too")
+            errors += router_errors(self.n_routed_experts, self.num_experts_per_tok, self.scoring_func,
+                                    self.topk_method, self.n_group, self.topk_group)
         if self.rope_scaling is not None:
             errors += _rope_scaling_errors(self.rope_scaling)
         if errors:
@@ -320,10 +300,34 @@ class ModelConfig:
         out["head_dim"] = self.qk_rope_head_dim
         return dict(sorted(out.items()))
 
-    def to_json(self, path: str | os.PathLike) -> None:
-        with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
-            f.write("\n")
+
+def router_errors(n_routed_experts: int, num_experts_per_tok: int | None, scoring_func: str, topk_method: str,
+                  n_group: int | None, topk_group: int | None) -> list[str]:
+    """What is wrong with a router's settings (empty when nothing is). The one statement of the rules: validate
+    reports them with the rest of a config, and MoEGate refuses to build on them, so a config that validates
+    builds."""
+    E, k = n_routed_experts, num_experts_per_tok
+    errors = []
+    if not k:
+        errors.append("n_routed_experts is set, so num_experts_per_tok must be too")
+    elif not 0 < k <= E:
+        errors.append(f"num_experts_per_tok={k} must be in [1, n_routed_experts={E}]")
+    if scoring_func not in SCORING_FUNCS:
+        errors.append(f"scoring_func={scoring_func!r} is not supported; expected one of {SCORING_FUNCS}")
+    if topk_method not in TOPK_METHODS:
+        errors.append(f"topk_method={topk_method!r} is not supported; expected one of {TOPK_METHODS}")
+    elif topk_method != "greedy":  # the experts come in n_group groups, of which the best topk_group are kept
+        if not n_group or not topk_group or E % n_group or topk_group > n_group:
+            errors.append(
+                f"topk_method={topk_method!r} needs n_group dividing n_routed_experts and 1 <= topk_group <= "
+                f"n_group; got n_group={n_group}, topk_group={topk_group}, n_routed_experts={E}"
+            )
+        elif k and topk_group * (E // n_group) < k:
+            errors.append(f"topk_group={topk_group} groups of {E // n_group} experts cannot hold "
+                          f"num_experts_per_tok={k} experts")
+        elif topk_method == "noaux_tc" and E // n_group < 2:
+            errors.append("topk_method='noaux_tc' scores groups by their top-2 experts: need >= 2 per group")
+    return errors
 
 
 def _normalise_rope_scaling(rope_scaling: dict) -> dict | None:

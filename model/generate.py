@@ -220,6 +220,46 @@ def generate(
 
 
 def _generate(model, prompts, num_generations, params, generator, decode) -> GenerationOutput:
+    _check_inputs(prompts, num_generations, params, generator, decode)
+    P, G, T_new = len(prompts), num_generations, params.max_new_tokens
+    prompt_ids, prompt_mask = _left_pad(prompts, params.pad_token_id)  # (P, Tp)
+    device, _ = _model_device_dtype(model)
+    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+    Tp = prompt_ids.shape[1]
+    # One generator for every row, or one per prompt (then each block of a prompt's rows draws from its own).
+    per_prompt = generator is not None and not isinstance(generator, torch.Generator)
+    shared_generator, prompt_generators = (None, generator) if per_prompt else (generator, None)
+    logits, active, routing_prompt = _prefill(model, prompt_ids, prompt_mask, G, T_new, params.return_routing,
+                                              prompt_generators)
+    results = _Completions.empty(P * G, T_new, params.pad_token_id, device, routing_prompt)
+    eos = torch.tensor(params.eos_token_ids, dtype=torch.long, device=device) if params.eos_token_ids else None
+    stop_check = StopStringChecker(params.stop_strings, decode) if params.stop_strings else None
+
+    for step in range(T_new):
+        tok, slp, lp = sample_next(logits, params.temperature, params.top_k, params.top_p,
+                                   shared_generator, active.row_generators)
+        results.record(active, step, tok, slp, lp)
+        done = _finished(tok, results.tokens, active, step, eos, stop_check)
+        results.finish(active, step, done)
+        keep = [i for i, d in enumerate(done) if not d]
+        width = Tp + step + 1  # attention-mask columns once this step's token is in the cache
+        if params.return_routing:
+            # Every row's newest token goes through the model before finished rows leave, so the routing of a
+            # row's last token is recorded too; the logits of the rows that stay are then already computed.
+            logits = _decode_one(model, tok, active, width, results.routing_new, step)
+            if step == T_new - 1 or not keep:
+                break
+            active, logits = _drop_finished(active, keep, logits, G, prompt_generators)
+        else:
+            # Finished rows leave first and cost nothing more; the last step needs no forward at all.
+            if step == T_new - 1 or not keep:
+                break
+            active, tok = _drop_finished(active, keep, tok, G, prompt_generators)
+            logits = _decode_one(model, tok, active, width)
+    return results.output(prompt_ids.repeat_interleave(G, dim=0), prompt_mask.repeat_interleave(G, dim=0))
+
+
+def _check_inputs(prompts, num_generations: int, params: SamplingParams, generator, decode) -> None:
     if not prompts:
         raise ValueError("generate: prompts is empty")
     if any(len(p) == 0 for p in prompts):
@@ -229,129 +269,142 @@ def _generate(model, prompts, num_generations, params, generator, decode) -> Gen
         raise ValueError(f"generate: num_generations must be >= 1, got {num_generations}")
     if params.stop_strings and decode is None:
         raise ValueError("generate: params.stop_strings needs a `decode(ids) -> str` callable (e.g. tokenizer.decode)")
+    if generator is not None and not isinstance(generator, torch.Generator) and len(generator) != len(prompts):
+        raise ValueError(f"generate: got {len(generator)} generators for {len(prompts)} prompts; give one per "
+                         "prompt or a single torch.Generator")
 
+
+@dataclass
+class _Active:
+    """The rows still generating and their per-row decoding state; finished rows leave it."""
+
+    rows: torch.Tensor  # (n,) active row -> original row, on the device, for writing results
+    rows_list: list[int]  # the same on the host, for bookkeeping without device syncs
+    cache: LatentCache  # n rows
+    attn_mask: torch.Tensor  # (n, Tp + T_new): every active row is real at every generated position
+    row_generators: list[tuple[torch.Tensor, torch.Generator]] | None  # per-prompt streams, else None
+
+
+def _prefill(model, prompt_ids, prompt_mask, G: int, T_new: int, return_routing: bool, generators):
+    """Runs each distinct prompt once into a fresh cache, then copies the cache and the last logits G ways.
+
+    Returns the next-token logits (P*G, V), the active batch (all P*G rows), and the prompts' routing repeated
+    over the generations (per MoE layer (P*G, Tp, k)) or None. The attention mask for the whole run is
+    allocated here: the decode columns are all ones.
+    """
+    P, Tp = prompt_ids.shape
     device, dtype = _model_device_dtype(model)
-    P, G = len(prompts), num_generations
-    per_prompt = generator is not None and not isinstance(generator, torch.Generator)
-    if per_prompt and len(generator) != P:
-        raise ValueError(f"generate: got {len(generator)} generators for {P} prompts; give one per prompt or a "
-                         "single torch.Generator")
-    N, T_new = P * G, params.max_new_tokens
-    pad = params.pad_token_id
-
-    prompt_ids, prompt_mask = _left_pad(prompts, pad)  # (P, Tp)
-    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
-    Tp = prompt_ids.shape[1]
-
-    # Prefill each distinct prompt once. The attention mask for the whole run is allocated here: every active row
-    # is real at every generated position (finished rows leave the batch), so the decode columns are all ones.
     cache = LatentCache.for_model(model.config, P, Tp + T_new, dtype, device)
-    out = model(prompt_ids, attention_mask=prompt_mask, cache=cache, return_routing=params.return_routing)
+    out = model(prompt_ids, attention_mask=prompt_mask, cache=cache, return_routing=return_routing)
     logits = out.logits[:, -1].repeat_interleave(G, dim=0)  # (N, V)
-    cache = cache.repeat_interleave(G)
     attn_mask = torch.cat([prompt_mask, prompt_mask.new_ones(P, T_new)], dim=1).repeat_interleave(G, dim=0)
-    prompt_ids, prompt_mask = prompt_ids.repeat_interleave(G, dim=0), prompt_mask.repeat_interleave(G, dim=0)
-
-    routing_prompt = routing_new = None
-    if params.return_routing:
-        routing_prompt = [r.repeat_interleave(G, dim=0) for r in out.routing]  # per MoE layer (N, Tp, k)
-        routing_new = [r.new_zeros(N, T_new, r.shape[-1]) for r in out.routing]
-    del out
-
-    # Per original row results, written in place as tokens are drawn.
-    tokens = torch.full((N, T_new), pad, dtype=torch.long, device=device)
-    sampling_logprobs = torch.zeros((N, T_new), dtype=torch.float32, device=device)
-    logprobs = torch.zeros((N, T_new), dtype=torch.float32, device=device)
-    lengths = [T_new] * N
-    finish_reasons = ["length"] * N
-
-    eos = torch.tensor(params.eos_token_ids, dtype=torch.long, device=device) if params.eos_token_ids else None
-    stop_check = StopStringChecker(params.stop_strings, decode) if params.stop_strings else None
-
-    rows = torch.arange(N, device=device)  # active row -> original row
-    rows_list = list(range(N))  # same, on the host, for bookkeeping without device syncs
-    row_generators = None  # per-prompt streams: (active rows of prompt p, generator p), rebuilt when rows leave
-    for step in range(T_new):
-        if per_prompt and (row_generators is None or sum(len(i) for i, _ in row_generators) != len(rows_list)):
-            row_generators = _rows_by_prompt(rows_list, G, generator, device)
-        tok, slp, lp = sample_next(logits, params.temperature, params.top_k, params.top_p,
-                                   None if per_prompt else generator, row_generators)
-        tokens[rows, step] = tok
-        sampling_logprobs[rows, step] = slp
-        logprobs[rows, step] = lp
-
-        # Which active rows finished with this token (one host sync per step when stopping is possible).
-        done: list[bool] | None = None
-        if eos is not None:
-            done = torch.isin(tok, eos).tolist()
-        if stop_check is not None:
-            lo = max(0, step + 1 - stop_check.window)
-            hit = stop_check(tokens[rows, lo : step + 1].tolist())
-            done = hit if done is None else [a or b for a, b in zip(done, hit)]
-        any_done = done is not None and any(done)
-        if any_done:
-            for i, d in enumerate(done):
-                if d:
-                    lengths[rows_list[i]] = step + 1
-                    finish_reasons[rows_list[i]] = "stop"
-        last = step == T_new - 1
-
-        # With routing asked for, every row's newest token is fed before finished rows drop out, so the routing of
-        # a row's last token is recorded too; otherwise finished rows drop out first and cost nothing more.
-        if params.return_routing:
-            out = model(tok[:, None], attention_mask=attn_mask[:, : Tp + step + 1], cache=cache, return_routing=True)
-            for buf, r in zip(routing_new, out.routing):
-                buf[rows, step] = r[:, 0]
-            logits = out.logits[:, -1]
-            del out
-        if last:
-            break
-        if any_done:
-            keep = [i for i, d in enumerate(done) if not d]
-            if not keep:
-                break
-            if params.return_routing:  # the next logits are already computed: shrink them
-                rows, rows_list, cache, attn_mask, logits = _shrink(keep, rows, rows_list, cache, attn_mask, logits)
-            else:  # the next input tokens are: shrink them
-                rows, rows_list, cache, attn_mask, tok = _shrink(keep, rows, rows_list, cache, attn_mask, tok)
-        if not params.return_routing:
-            out = model(tok[:, None], attention_mask=attn_mask[:, : Tp + step + 1], cache=cache)
-            logits = out.logits[:, -1]
-            del out
-
-    Tc = max(lengths)
-    lengths_t = torch.tensor(lengths, device=device)
-    completion_mask = (torch.arange(Tc, device=device)[None, :] < lengths_t[:, None]).long()  # (N, Tc)
-    routing = None
-    if params.return_routing:
-        routing = [torch.cat([rp, rn[:, :Tc]], dim=1) for rp, rn in zip(routing_prompt, routing_new)]
-    return GenerationOutput(
-        prompt_ids=prompt_ids,
-        prompt_mask=prompt_mask,
-        completion_ids=tokens[:, :Tc].contiguous(),
-        completion_mask=completion_mask,
-        sampling_logprobs=sampling_logprobs[:, :Tc].contiguous(),
-        logprobs=logprobs[:, :Tc].contiguous(),
-        finish_reasons=finish_reasons,
-        routing=routing,
-    )
+    routing = [r.repeat_interleave(G, dim=0) for r in out.routing] if return_routing else None
+    rows_list = list(range(P * G))
+    active = _Active(rows=torch.arange(P * G, device=device), rows_list=rows_list,
+                     cache=cache.repeat_interleave(G), attn_mask=attn_mask,
+                     row_generators=_rows_by_prompt(rows_list, G, generators, device))
+    return logits, active, routing
 
 
-def _rows_by_prompt(rows_list: list[int], G: int, generators, device) -> list[tuple[torch.Tensor, torch.Generator]]:
-    """Active-batch positions grouped by the prompt their original row belongs to, with that prompt's generator."""
+def _decode_one(model, tok: torch.Tensor, active: _Active, width: int, routing_new=None, step: int | None = None):
+    """Feeds each active row's newest token tok (n,) through the model on its cache; returns the next logits
+    (n, V). With routing_new (per MoE layer (N, T_new, k)), records the token's routing at column `step`."""
+    out = model(tok[:, None], attention_mask=active.attn_mask[:, :width], cache=active.cache,
+                return_routing=routing_new is not None)
+    if routing_new is not None:
+        for buf, r in zip(routing_new, out.routing):
+            buf[active.rows, step] = r[:, 0]
+    return out.logits[:, -1]
+
+
+def _finished(tok, tokens, active: _Active, step: int, eos, stop_check) -> list[bool]:
+    """Per active row: did this step's token end it (an EOS id, or completing a stop string in the row's tail)?
+    One host sync per step when stopping is possible, none otherwise."""
+    done = torch.isin(tok, eos).tolist() if eos is not None else [False] * len(active.rows_list)
+    if stop_check is not None:
+        lo = max(0, step + 1 - stop_check.window)
+        hit = stop_check(tokens[active.rows, lo : step + 1].tolist())
+        done = [a or b for a, b in zip(done, hit)]
+    return done
+
+
+def _drop_finished(active: _Active, keep: list[int], per_row: torch.Tensor, G: int, generators):
+    """Keeps only the active rows `keep` (indices into the active batch) in the active batch and in per_row,
+    the one other per-row tensor the next step needs (its input tokens, or its already computed logits)."""
+    if len(keep) == len(active.rows_list):
+        return active, per_row
+    device = active.rows.device
+    idx = torch.tensor(keep, dtype=torch.long, device=device)
+    rows_list = [active.rows_list[i] for i in keep]
+    shrunk = _Active(rows=active.rows.index_select(0, idx), rows_list=rows_list,
+                     cache=active.cache.index_select(idx), attn_mask=active.attn_mask.index_select(0, idx),
+                     row_generators=_rows_by_prompt(rows_list, G, generators, device))
+    return shrunk, per_row.index_select(0, idx)
+
+
+@dataclass
+class _Completions:
+    """Per original row results, written in place as tokens are drawn."""
+
+    tokens: torch.Tensor  # (N, T_new) pad where nothing was drawn
+    sampling_logprobs: torch.Tensor  # (N, T_new) float32
+    logprobs: torch.Tensor  # (N, T_new) float32
+    lengths: list[int]
+    finish_reasons: list[str]
+    routing_prompt: list[torch.Tensor] | None  # per MoE layer (N, Tp, k)
+    routing_new: list[torch.Tensor] | None  # per MoE layer (N, T_new, k)
+
+    @classmethod
+    def empty(cls, N: int, T_new: int, pad: int, device, routing_prompt) -> _Completions:
+        return cls(
+            tokens=torch.full((N, T_new), pad, dtype=torch.long, device=device),
+            sampling_logprobs=torch.zeros((N, T_new), dtype=torch.float32, device=device),
+            logprobs=torch.zeros((N, T_new), dtype=torch.float32, device=device),
+            lengths=[T_new] * N,
+            finish_reasons=["length"] * N,
+            routing_prompt=routing_prompt,
+            routing_new=None if routing_prompt is None else [r.new_zeros(N, T_new, r.shape[-1])
+                                                              for r in routing_prompt],
+        )
+
+    def record(self, active: _Active, step: int, tok, sampling_logprobs, logprobs) -> None:
+        self.tokens[active.rows, step] = tok
+        self.sampling_logprobs[active.rows, step] = sampling_logprobs
+        self.logprobs[active.rows, step] = logprobs
+
+    def finish(self, active: _Active, step: int, done: list[bool]) -> None:
+        for i, d in enumerate(done):
+            if d:
+                self.lengths[active.rows_list[i]] = step + 1
+                self.finish_reasons[active.rows_list[i]] = "stop"
+
+    def output(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> GenerationOutput:
+        """Cut to the longest completion; prompt_ids / prompt_mask (N, Tp) as repeated for the rows."""
+        Tc = max(self.lengths)
+        device = self.tokens.device
+        lengths = torch.tensor(self.lengths, device=device)
+        completion_mask = (torch.arange(Tc, device=device)[None, :] < lengths[:, None]).long()  # (N, Tc)
+        routing = None
+        if self.routing_prompt is not None:
+            routing = [torch.cat([rp, rn[:, :Tc]], dim=1) for rp, rn in zip(self.routing_prompt, self.routing_new)]
+        return GenerationOutput(
+            prompt_ids=prompt_ids,
+            prompt_mask=prompt_mask,
+            completion_ids=self.tokens[:, :Tc].contiguous(),
+            completion_mask=completion_mask,
+            sampling_logprobs=self.sampling_logprobs[:, :Tc].contiguous(),
+            logprobs=self.logprobs[:, :Tc].contiguous(),
+            finish_reasons=self.finish_reasons,
+            routing=routing,
+        )
+
+
+def _rows_by_prompt(rows_list: list[int], G: int, generators, device) -> list[tuple[torch.Tensor, torch.Generator]] | None:
+    """Active-batch positions grouped by the prompt their original row belongs to, with that prompt's generator
+    (None without per-prompt generators)."""
+    if generators is None:
+        return None
     positions: dict[int, list[int]] = {}
     for i, row in enumerate(rows_list):
         positions.setdefault(row // G, []).append(i)
     return [(torch.tensor(idx, dtype=torch.long, device=device), generators[p]) for p, idx in positions.items()]
-
-
-def _shrink(keep: list[int], rows, rows_list, cache: LatentCache, attn_mask, per_row):
-    """Keep only the active rows `keep` (indices into the active batch) in every piece of per-row state."""
-    idx = torch.tensor(keep, dtype=torch.long, device=rows.device)
-    return (
-        rows.index_select(0, idx),
-        [rows_list[i] for i in keep],
-        cache.index_select(idx),
-        attn_mask.index_select(0, idx),
-        per_row.index_select(0, idx),
-    )

@@ -139,7 +139,7 @@ class MLA(nn.Module):
         Returns (B, T, H, Dv)."""
         Dv = v.shape[-1]
         if v.device.type == "cpu" and Dv < q.shape[-1]:
-            # PyTorch's fused CPU attention kernel needs equal head dims (else the ~2x slower math path runs):
+            # PyTorch's fused CPU attention kernel needs equal head dims (else the slower math path runs):
             # zero-pad the values, drop the padded outputs.
             v = F.pad(v, (0, q.shape[-1] - Dv))
         out = F.scaled_dot_product_attention(

@@ -26,8 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
-SCORING_FUNCS = ("softmax", "sigmoid")
+from .config import router_errors
 
 
 @dataclass
@@ -69,26 +68,10 @@ class MoEGate(nn.Module):
         seq_aux: bool = True,
     ):
         super().__init__()
-        if scoring_func not in SCORING_FUNCS:
-            raise ValueError(f"scoring_func={scoring_func!r} is not supported; expected one of {SCORING_FUNCS}")
-        if topk_method not in TOPK_METHODS:
-            raise ValueError(f"topk_method={topk_method!r} is not supported; expected one of {TOPK_METHODS}")
-        if not 0 < top_k <= n_routed_experts:
-            raise ValueError(f"num_experts_per_tok={top_k} must be in [1, n_routed_experts={n_routed_experts}]")
+        errors = router_errors(n_routed_experts, top_k, scoring_func, topk_method, n_group, topk_group)
+        if errors:
+            raise ValueError("invalid MoE router:\n  " + "\n  ".join(errors))
         grouped = topk_method != "greedy"
-        if grouped:
-            if not n_group or not topk_group or n_routed_experts % n_group or topk_group > n_group:
-                raise ValueError(
-                    f"topk_method={topk_method!r} needs n_group dividing n_routed_experts and 1 <= topk_group <= "
-                    f"n_group; got n_group={n_group}, topk_group={topk_group}, n_routed_experts={n_routed_experts}"
-                )
-            if topk_group * (n_routed_experts // n_group) < top_k:
-                raise ValueError(
-                    f"topk_group={topk_group} groups of {n_routed_experts // n_group} experts cannot hold "
-                    f"num_experts_per_tok={top_k} experts"
-                )
-            if topk_method == "noaux_tc" and n_routed_experts // n_group < 2:
-                raise ValueError("topk_method='noaux_tc' scores groups by their top-2 experts: need >= 2 per group")
         self.n_routed_experts = n_routed_experts
         self.top_k = top_k
         self.scoring_func = scoring_func
@@ -214,11 +197,11 @@ class Experts(nn.Module):
     """
 
     # Without gradients, one call for all experts runs when no expert gets more than this many rows. Padded batched
-    # matmuls: a matmul that small costs about what reading its weights does, so the padding is free; measured on
-    # CPU (w1 experts, 1-2 threads) ~1.05-1.4x faster than the loop at <= 16 rows, slower from ~20 rows on.
+    # matmuls: a matmul that small costs about what reading its weights does, so the padding is free; with more
+    # rows the padding's wasted work outweighs the saved calls and the loop wins (timed on CPU, w1 experts).
     batched_capacity: int = 16
-    # CPU grouped matmul (no padding): 1.2-1.4x faster than the loop up to 33 rows per expert at 1 and 2 threads
-    # (w1 experts), 0.85x at 41 rows with 1 thread, 0.5x at 1000 rows.
+    # CPU grouped matmul (no padding): beats the loop while each expert has a few dozen rows at most (timed as
+    # above); with many rows per expert the loop's per-expert matmuls are faster.
     grouped_capacity: int = 32
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):

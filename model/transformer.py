@@ -133,9 +133,6 @@ class DeepseekForCausalLM(nn.Module):
     def gradient_checkpointing_enable(self) -> None:
         self.gradient_checkpointing = True
 
-    def gradient_checkpointing_disable(self) -> None:
-        self.gradient_checkpointing = False
-
     @torch.no_grad()
     def update_router_bias(self, expert_counts: list[torch.Tensor], gamma: float) -> None:
         """Auxiliary-loss-free balancing: per MoE layer, bias += gamma * sign(mean_load - load)."""
@@ -174,9 +171,7 @@ class DeepseekForCausalLM(nn.Module):
         (Not with a cache, and not while a sequence-wise MoE balance loss is being trained: it needs whole rows.)
         """
         B, T = input_ids.shape
-        device = input_ids.device
         past = cache.length if cache is not None else 0
-        S = past + T
         if absorb is None:
             absorb = cache is not None and T <= self.absorb_max_tokens
         moe_layers = self.moe_layers
@@ -189,78 +184,75 @@ class DeepseekForCausalLM(nn.Module):
             _check_shared_prefix(input_ids, attention_mask, cache, shared_prefix, group_size)
             # The sequence-wise balance loss is a statistic of whole rows: compute those the plain way.
             share = not (self.training and any(m.gate.aux_loss_alpha > 0 for m in moe_layers))
-
-        # Positions count real tokens only, so a left-padded row matches the same row without padding.
         if attention_mask is not None:
-            if attention_mask.shape != (B, S):
+            if attention_mask.shape != (B, past + T):
                 raise ValueError(
-                    f"attention_mask must cover cached + new tokens: expected {(B, S)}, "
+                    f"attention_mask must cover cached + new tokens: expected {(B, past + T)}, "
                     f"got {tuple(attention_mask.shape)}"
                 )
-            attention_mask = attention_mask.to(device)
-            # The cached columns only matter through their count: one sum, not a cumsum over all S (decoding).
-            new = attention_mask[:, past:].long().cumsum(-1)  # (B, T)
-            if past > 0:
-                new = new + attention_mask[:, :past].sum(-1, keepdim=True, dtype=torch.long)
-            positions = (new - 1).clamp(min=0)  # (B, T)
-        else:
-            positions = torch.arange(past, S, device=device).expand(B, T)
+            attention_mask = attention_mask.to(input_ids.device)
+
+        positions = _positions(attention_mask, past, B, T, input_ids.device)  # (B, T)
         mask = None  # None: plain causal attention over exactly the T new tokens
         if attention_mask is not None or past > 0 or absorb or share:
-            q_pos = torch.arange(past, S, device=device)
-            k_pos = torch.arange(S, device=device)
-            allowed = k_pos[None, :] <= q_pos[:, None]  # (T, S) causal
-            if attention_mask is not None:
-                # A padding query still sees itself, so its (ignored) row stays finite: no NaN in backward.
-                allowed = (allowed & attention_mask.bool()[:, None, :]) | (k_pos[None, :] == q_pos[:, None])
-            allowed = allowed.expand(B, T, S)
-            # Built once here, shared by every layer.
-            if absorb:
-                mask = absorbed_bias(allowed, self.config.num_attention_heads, self.model.embed_tokens.weight.dtype)
-            else:
-                mask = allowed.unsqueeze(1)  # (B, 1, T, S)
-
+            mask = self._layer_mask(_allowed_keys(attention_mask, past, B, T, input_ids.device), absorb)
         cos, sin = self.rotary(positions)  # (B, T, Dr/2) each
-        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # (B, T, 1, Dr/2): broadcast over the heads in every layer
+        rope = cos.unsqueeze(2), sin.unsqueeze(2)  # (B, T, 1, Dr/2): broadcast over the heads in every layer
         checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
-        token_mask = attention_mask[:, past:] if attention_mask is not None else None  # (B, T) for the balance loss
         if share:
-            h, stats = self._shared_layers(input_ids, (cos, sin), mask, routing, shared_prefix, group_size,
-                                           checkpointed)
+            h, stats = self._shared_layers(input_ids, rope, mask, routing, shared_prefix, group_size, checkpointed)
         else:
-            h = self.model.embed_tokens(input_ids)
-            stats: list[MoEStats] = []
-            for layer in self.model.layers:
-                topk_idx = routing[len(stats)] if routing is not None and layer.is_moe else None
-                if checkpointed:
-                    h, s = checkpoint(layer, h, cos, sin, mask, None, topk_idx, absorb, token_mask,
-                                      use_reentrant=False)
-                else:
-                    h, s = layer(h, cos, sin, mask, cache, topk_idx, absorb, token_mask)
-                if s is not None:
-                    stats.append(s)
+            token_mask = attention_mask[:, past:] if attention_mask is not None else None  # (B, T) balance loss
+            h, stats = self._layers(input_ids, rope, mask, cache, routing, absorb, token_mask, checkpointed)
         if cache is not None:
             cache.advance(T)
-        h = self.model.norm(h)
-
         out = CausalLMOutput(
             routing=[s.topk_idx for s in stats] if return_routing else None,
             aux_loss=sum((s.aux_loss for s in stats), h.new_zeros((), dtype=torch.float32)),
             expert_counts=[s.expert_counts for s in stats],
         )
-        if target_ids is None:
-            out.logits = self.lm_head(h)
-            if compute_entropy:
-                _, out.entropy = _chunk_logprobs(self.lm_head, h, None, temperature, True)
-        else:
-            n = target_ids.shape[1]
-            if target_start < 0 or target_start + n > T:
-                raise ValueError(f"target_ids ({n} positions from target_start={target_start}) must fit in the "
-                                 f"{T} input positions")
-            # Only the positions whose next token is asked for reach lm_head (prompts are often long).
-            h = h[:, target_start : target_start + n]
-            out.logprobs, out.entropy = self.target_logprobs(h, target_ids, temperature, compute_entropy)
+        out.logits, out.logprobs, out.entropy = self._head(self.model.norm(h), target_ids, target_start, temperature,
+                                                           compute_entropy)
         return out
+
+    def _layer_mask(self, allowed: torch.Tensor, absorb: bool) -> torch.Tensor:
+        """allowed (B, T, S) bool -> the mask in the form the layers' attention path takes: absorbed_bias's additive
+        mask, or (B, 1, T, S) bool for the plain path. Built once per forward, shared by every layer."""
+        if absorb:
+            return absorbed_bias(allowed, self.config.num_attention_heads, self.model.embed_tokens.weight.dtype)
+        return allowed.unsqueeze(1)
+
+    def _head(self, h, target_ids, target_start: int, temperature: float, compute_entropy: bool):
+        """Final hidden states (B, T, D) -> (logits (B, T, V) or None, log p(target_ids) (B, n) or None, entropy
+        or None): the logits without target_ids, else only the target log-probs."""
+        if target_ids is None:
+            logits = self.lm_head(h)
+            entropy = _chunk_logprobs(self.lm_head, h, None, temperature, True)[1] if compute_entropy else None
+            return logits, None, entropy
+        n, T = target_ids.shape[1], h.shape[1]
+        if target_start < 0 or target_start + n > T:
+            raise ValueError(f"target_ids ({n} positions from target_start={target_start}) must fit in the "
+                             f"{T} input positions")
+        # Only the positions whose next token is asked for reach lm_head (prompts are often long).
+        logprobs, entropy = self.target_logprobs(h[:, target_start : target_start + n], target_ids, temperature,
+                                                 compute_entropy)
+        return None, logprobs, entropy
+
+    def _layers(self, input_ids, rope, mask, cache, routing, absorb: bool, token_mask, checkpointed: bool):
+        """The decoder layers over the full rows. Returns the last hidden states (B, T, D) and the MoE layers'
+        stats."""
+        cos, sin = rope
+        h = self.model.embed_tokens(input_ids)
+        stats: list[MoEStats] = []
+        for layer in self.model.layers:
+            topk_idx = routing[len(stats)] if routing is not None and layer.is_moe else None
+            if checkpointed:
+                h, s = checkpoint(layer, h, cos, sin, mask, None, topk_idx, absorb, token_mask, use_reentrant=False)
+            else:
+                h, s = layer(h, cos, sin, mask, cache, topk_idx, absorb, token_mask)
+            if s is not None:
+                stats.append(s)
+        return h, stats
 
     def _shared_layers(self, input_ids, rope, mask, routing, Tp: int, G: int, checkpointed: bool):
         """The decoder layers with the first Tp columns computed once per group of G rows. Returns the final
@@ -310,6 +302,30 @@ class DeepseekForCausalLM(nn.Module):
             logprobs.append(lp)
             entropy.append(ent)
         return torch.cat(logprobs, dim=1), torch.cat(entropy, dim=1) if compute_entropy else None
+
+
+def _positions(attention_mask, past: int, B: int, T: int, device) -> torch.Tensor:
+    """Positions (B, T) of the T new tokens after `past` cached ones. They count real tokens only, so a left-padded
+    row gets the positions of the same row without padding."""
+    if attention_mask is None:
+        return torch.arange(past, past + T, device=device).expand(B, T)
+    # The cached columns only matter through their count: one sum, not a cumsum over all S (decoding).
+    new = attention_mask[:, past:].long().cumsum(-1)  # (B, T)
+    if past > 0:
+        new = new + attention_mask[:, :past].sum(-1, keepdim=True, dtype=torch.long)
+    return (new - 1).clamp(min=0)
+
+
+def _allowed_keys(attention_mask, past: int, B: int, T: int, device) -> torch.Tensor:
+    """(B, T, S) bool, S = past + T: may new token t attend to key s? Causal, and never to padding keys."""
+    S = past + T
+    q_pos = torch.arange(past, S, device=device)
+    k_pos = torch.arange(S, device=device)
+    allowed = k_pos[None, :] <= q_pos[:, None]  # (T, S) causal
+    if attention_mask is not None:
+        # A padding query still sees itself, so its (ignored) row stays finite: no NaN in backward.
+        allowed = (allowed & attention_mask.bool()[:, None, :]) | (k_pos[None, :] == q_pos[:, None])
+    return allowed.expand(B, T, S)
 
 
 def _check_shared_prefix(input_ids, attention_mask, cache, shared_prefix: int, group_size: int) -> None:

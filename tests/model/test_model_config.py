@@ -1,10 +1,12 @@
 """ModelConfig: reads real DeepSeek config.json files, round-trips, names every field it will not handle."""
 
+import itertools
 import json
 
 import pytest
 
-from thinkzero.model.config import ModelConfig
+from thinkzero.model.config import SCORING_FUNCS, TOPK_METHODS, ModelConfig
+from thinkzero.model.moe import MoEGate
 
 # The released DeepSeek-V3 config.json (quantization_config left out: fp8 weights are rejected, see below).
 DEEPSEEK_V3 = {
@@ -161,7 +163,7 @@ def test_reads_deepseek_v2_lite_config():
 
 def test_round_trip_through_json(tmp_path):
     cfg = ModelConfig.from_dict(DEEPSEEK_V3)
-    cfg.to_json(tmp_path / "config.json")
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))  # what save_model writes
     d = json.loads((tmp_path / "config.json").read_text())
     assert d["architectures"] == ["DeepseekV3ForCausalLM"] and d["model_type"] == "deepseek_v3"
     assert d["rope_scaling"]["type"] == d["rope_scaling"]["rope_type"] == "yarn"
@@ -231,3 +233,33 @@ def test_from_json_error_names_the_file(tmp_path):
     path.write_text(json.dumps({**SMALL, "use_mtp": True}))
     with pytest.raises(ValueError, match=f"(?s){path}.*unknown field 'use_mtp'"):
         ModelConfig.from_json(path)
+
+
+def test_a_router_validates_exactly_when_it_builds_and_fails_with_the_same_message():
+    """Over a grid of router settings: ModelConfig.validate accepts exactly what MoEGate builds, and each reason
+    the gate refuses is in validate's message (a config must not validate and then fail at build time)."""
+    outcomes = {"built": 0, "refused": 0}
+    for E, k, scoring, method, n_group, topk_group in itertools.product(
+        (4, 6, 8), (0, 1, 3, 5), SCORING_FUNCS + ("tanh",), TOPK_METHODS + ("random",), (None, 1, 2, 3, 4),
+        (None, 1, 2, 3),
+    ):
+        gate_args = {"scoring_func": scoring, "topk_method": method, "n_group": n_group, "topk_group": topk_group}
+        router = {"n_routed_experts": E, "num_experts_per_tok": k, **gate_args}
+        try:
+            MoEGate(4, E, k, **gate_args)
+            build_error = None
+        except ValueError as e:
+            build_error = str(e)
+        try:
+            ModelConfig.from_dict({**SMALL, **router})
+            config_error = None
+        except ValueError as e:
+            config_error = str(e)
+        if build_error is None:
+            assert config_error is None, router
+            outcomes["built"] += 1
+        else:
+            reasons = [line.strip() for line in build_error.splitlines()[1:]]
+            assert reasons and config_error is not None and all(r in config_error for r in reasons), router
+            outcomes["refused"] += 1
+    assert min(outcomes.values()) > 100, outcomes
