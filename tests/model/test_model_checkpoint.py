@@ -10,16 +10,6 @@ from torch import nn
 from thinkzero.model.checkpoint import CheckpointError, hf_views, load_model, save_model
 from thinkzero.model.config import ModelConfig
 from thinkzero.model.presets import preset
-from thinkzero.model.transformer import DeepseekForCausalLM
-
-
-def tiny_model(seed=0, **overrides) -> DeepseekForCausalLM:
-    torch.manual_seed(seed)
-    model = DeepseekForCausalLM(ModelConfig.from_dict({**preset("tiny"), **overrides}))
-    with torch.no_grad():
-        for moe in model.moe_layers:
-            moe.gate.e_score_correction_bias.normal_(0, 0.1)  # a non-default buffer must survive too
-    return model.eval()
 
 
 def assert_same_weights(a: nn.Module, b: nn.Module):
@@ -38,8 +28,8 @@ IDS = torch.tensor([[5, 17, 42, 3, 99, 7]])
 
 
 @pytest.fixture
-def saved(tmp_path):
-    model = tiny_model()
+def saved(tiny_model, tmp_path):
+    model = tiny_model()  # random weights, the router bias too: a non-default buffer must survive
     save_model(model, tmp_path)
     return model, tmp_path
 
@@ -57,7 +47,7 @@ def test_round_trip_single_file(saved):
     assert json.loads((path / "config.json").read_text())["architectures"] == ["DeepseekV3ForCausalLM"]
 
 
-def test_sharded_round_trip_and_stale_files_removed(tmp_path):
+def test_sharded_round_trip_and_stale_files_removed(tiny_model, tmp_path):
     model = tiny_model()
     save_model(model, tmp_path, max_shard_bytes=100_000)
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
@@ -72,7 +62,7 @@ def test_sharded_round_trip_and_stale_files_removed(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
 
 
-def test_tied_embeddings(tmp_path):
+def test_tied_embeddings(tiny_model, tmp_path):
     model = tiny_model(tie_word_embeddings=True)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     save_model(model, tmp_path)
@@ -82,7 +72,7 @@ def test_tied_embeddings(tmp_path):
     assert torch.equal(logits(model, IDS), logits(loaded, IDS))
 
 
-def test_dtype_default_from_config_and_override(tmp_path):
+def test_dtype_default_from_config_and_override(tiny_model, tmp_path):
     model = tiny_model().to(torch.bfloat16)
     save_model(model, tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
@@ -92,7 +82,7 @@ def test_dtype_default_from_config_and_override(tmp_path):
     assert torch.equal(loaded.lm_head.weight, model.lm_head.weight.float())
 
 
-def test_unwraps_ddp_like_wrappers(tmp_path):
+def test_unwraps_ddp_like_wrappers(tiny_model, tmp_path):
     class Wrapper(nn.Module):  # DDP and DeepSpeed engines keep the model in .module
         def __init__(self, module):
             super().__init__()
@@ -151,7 +141,7 @@ def test_truncated_file_names_the_file(saved):
         load_model(path)
 
 
-def test_truncated_shard_names_the_shard(tmp_path):
+def test_truncated_shard_names_the_shard(tiny_model, tmp_path):
     save_model(tiny_model(), tmp_path, max_shard_bytes=100_000)
     shard = next(tmp_path.glob("model-00002-*.safetensors"))
     shard.write_bytes(shard.read_bytes()[:50])
@@ -159,7 +149,7 @@ def test_truncated_shard_names_the_shard(tmp_path):
         load_model(tmp_path)
 
 
-def test_index_naming_a_missing_shard(tmp_path):
+def test_index_naming_a_missing_shard(tiny_model, tmp_path):
     save_model(tiny_model(), tmp_path, max_shard_bytes=100_000)
     victim = max(tmp_path.glob("model-*.safetensors"))
     victim.unlink()
@@ -167,7 +157,7 @@ def test_index_naming_a_missing_shard(tmp_path):
         load_model(tmp_path)
 
 
-def test_no_weights_or_no_config(tmp_path):
+def test_no_weights_or_no_config(tiny_model, tmp_path):
     with pytest.raises(CheckpointError, match="no config.json"):
         load_model(tmp_path)
     save_model(tiny_model(), tmp_path)

@@ -1,9 +1,9 @@
 """Sampling engine: sampling maths, stop handling, log-probs vs a full forward, greedy vs transformers, prefix sharing."""
 
+from functools import partial
 
 import pytest
 import torch
-from randomize import randomize_
 
 from thinkzero.model.generate import (
     GenerationOutput,
@@ -122,15 +122,10 @@ def test_sampling_params_validation():
 # The engine on a tiny random model (preset "tiny": 2 layers, the second MoE; vocabulary 128).
 
 
-def make_model(seed: int = 0, **overrides):
-    from thinkzero.model.config import ModelConfig
-    from thinkzero.model.presets import preset
-    from thinkzero.model.transformer import DeepseekForCausalLM
-
-    torch.manual_seed(seed)
-    model = DeepseekForCausalLM(ModelConfig.from_dict({**preset("tiny"), **overrides})).eval()
-    # Larger-than-init weights: peaked next-token distributions, so greedy choices are not near-ties.
-    return randomize_(model, 0.15, 0.3, bias_scale=0.2)
+@pytest.fixture
+def make_model(tiny_model):
+    """Larger-than-init weights: peaked next-token distributions, so greedy choices are not near-ties."""
+    return partial(tiny_model, scale=0.15, norm_scale=0.3, bias_scale=0.2)
 
 
 PROMPTS = [[5, 17, 33, 9, 60], [70, 8], [12, 44, 91, 3, 27, 100, 6, 81], [64, 64, 2, 19]]
@@ -146,7 +141,7 @@ def full_forward(model, out: GenerationOutput, temperature: float = 1.0):
     return f.logits[:, Tp - 1 : -1].float(), f.routing, mask
 
 
-def test_logprobs_and_routing_match_a_full_forward():
+def test_logprobs_and_routing_match_a_full_forward(make_model):
     model = make_model()
     params = SamplingParams(max_new_tokens=12, temperature=0.8, top_k=40, top_p=0.95, eos_token_ids=(2,),
                             return_routing=True)
@@ -176,7 +171,7 @@ def test_logprobs_and_routing_match_a_full_forward():
         assert same[mask.bool()].all()
 
 
-def test_greedy_matches_transformers_generate(tmp_path):
+def test_greedy_matches_transformers_generate(make_model, tmp_path):
     transformers = pytest.importorskip("transformers")
     from thinkzero.model.checkpoint import save_model
 
@@ -194,7 +189,7 @@ def test_greedy_matches_transformers_generate(tmp_path):
     assert out.finish_reasons == ["length"] * len(PROMPTS) * 2
 
 
-def test_prefix_sharing_equals_running_each_copy_separately():
+def test_prefix_sharing_equals_running_each_copy_separately(make_model):
     model = make_model(seed=2)
     params = SamplingParams(max_new_tokens=10, temperature=0.0)
     shared = generate(model, PROMPTS, 3, params)
@@ -214,7 +209,7 @@ def test_prefix_sharing_equals_running_each_copy_separately():
         torch.testing.assert_close(sampled.logprobs[row], expected, atol=1e-4, rtol=0)
 
 
-def test_same_seed_same_output_and_different_seed_differs():
+def test_same_seed_same_output_and_different_seed_differs(make_model):
     model = make_model(seed=3)
     params = SamplingParams(max_new_tokens=8, temperature=1.0, top_p=0.9)
     a = generate(model, PROMPTS, 2, params, generator=torch.Generator().manual_seed(7))
@@ -230,7 +225,7 @@ def _decode(ids):
     return "".join(f"<{i}>" for i in ids)
 
 
-def test_eos_and_stop_strings_cut_and_finished_rows_leave_the_batch():
+def test_eos_and_stop_strings_cut_and_finished_rows_leave_the_batch(make_model):
     model = make_model(seed=4)
     T = 14
     free = generate(model, PROMPTS, 1, SamplingParams(max_new_tokens=T, temperature=0.0)).completion_ids.tolist()
@@ -268,7 +263,7 @@ def test_eos_and_stop_strings_cut_and_finished_rows_leave_the_batch():
     assert batch_sizes[1:] == [4 - (j + 1 >= lengths[0]) - (j + 1 >= lengths[1]) for j in range(T - 1)]
 
 
-def test_all_rows_finishing_ends_the_loop_early():
+def test_all_rows_finishing_ends_the_loop_early(make_model):
     model = make_model(seed=5)
     # Every token id is an EOS: all rows stop after one token; one forward for the prefill, none for decoding.
     calls = []
@@ -282,7 +277,7 @@ def test_all_rows_finishing_ends_the_loop_early():
     assert out.finish_reasons == ["stop"] * 8 and len(calls) == 1
 
 
-def test_stop_strings_need_decode_and_prompts_must_be_non_empty():
+def test_stop_strings_need_decode_and_prompts_must_be_non_empty(make_model):
     model = make_model()
     with pytest.raises(ValueError, match="decode"):
         generate(model, PROMPTS, 1, SamplingParams(4, stop_strings=("</answer>",)))
@@ -290,7 +285,7 @@ def test_stop_strings_need_decode_and_prompts_must_be_non_empty():
         generate(model, [[1, 2], []], 1, SamplingParams(4))
 
 
-def test_per_prompt_generators_make_samples_independent_of_batch_mates():
+def test_per_prompt_generators_make_samples_independent_of_batch_mates(make_model):
     model = make_model(seed=6)
     params = SamplingParams(max_new_tokens=10, temperature=1.0, eos_token_ids=(2,))
 

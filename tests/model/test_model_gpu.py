@@ -4,12 +4,8 @@
 
 import pytest
 import torch
-from randomize import randomize_
 
-from thinkzero.model.config import ModelConfig
 from thinkzero.model.generate import SamplingParams, generate
-from thinkzero.model.presets import preset
-from thinkzero.model.transformer import DeepseekForCausalLM
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -23,11 +19,6 @@ def exact_fp32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def random_model(seed: int = 0) -> DeepseekForCausalLM:
-    torch.manual_seed(seed)
-    return randomize_(DeepseekForCausalLM(ModelConfig.from_dict(preset("tiny"))).eval(), 0.2, 0.2)
-
-
 def batch(B: int = 4, T: int = 12, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(4, 40, (B, T), generator=g)
@@ -36,9 +27,9 @@ def batch(B: int = 4, T: int = 12, seed: int = 0):
     return ids, mask
 
 
-def test_fp32_forward_and_logprobs_match_the_cpu():
-    cpu = random_model()
-    gpu = random_model().cuda()
+def test_fp32_forward_and_logprobs_match_the_cpu(tiny_model):
+    cpu = tiny_model()
+    gpu = tiny_model().cuda()
     ids, mask = batch()
     with torch.no_grad():
         expected = cpu(ids, mask).logits
@@ -49,9 +40,9 @@ def test_fp32_forward_and_logprobs_match_the_cpu():
     torch.testing.assert_close(lp_gpu, lp_cpu, rtol=1e-4, atol=1e-4)
 
 
-def test_bf16_logprobs_close_to_fp32_and_finite():
-    fp32 = random_model().cuda()
-    bf16 = random_model().cuda().to(torch.bfloat16)
+def test_bf16_logprobs_close_to_fp32_and_finite(tiny_model):
+    fp32 = tiny_model().cuda()
+    bf16 = tiny_model().cuda().to(torch.bfloat16)
     ids, mask = batch()
     ids, mask = ids.cuda(), mask.cuda()
     with torch.no_grad():
@@ -62,8 +53,8 @@ def test_bf16_logprobs_close_to_fp32_and_finite():
     assert (lp16 - lp32)[real].abs().mean() < 0.05
 
 
-def test_shared_prefix_and_batched_experts_on_cuda():
-    model = random_model().cuda().train()
+def test_shared_prefix_and_batched_experts_on_cuda(tiny_model):
+    model = tiny_model().cuda().train()
     P, G, Tp, Tc = 2, 4, 6, 5
     g = torch.Generator().manual_seed(1)
     prompts = torch.randint(4, 40, (P, Tp), generator=g).repeat_interleave(G, 0)
@@ -82,9 +73,9 @@ def test_shared_prefix_and_batched_experts_on_cuda():
                                    experts._looped(xs, sizes), rtol=1e-5, atol=1e-5)
 
 
-def test_generate_on_cuda_greedy_matches_cpu_and_seeds_repeat():
-    cpu = random_model()
-    gpu = random_model().cuda()
+def test_generate_on_cuda_greedy_matches_cpu_and_seeds_repeat(tiny_model):
+    cpu = tiny_model()
+    gpu = tiny_model().cuda()
     prompts = [[5, 9, 13, 17], [6, 7], [20, 21, 22]]
     greedy = SamplingParams(max_new_tokens=12, temperature=0.0)
     out_cpu = generate(cpu, prompts, 2, greedy)

@@ -2,34 +2,11 @@
 
 import pytest
 import torch
-from randomize import randomize_
 
 from thinkzero.model.cache import LatentCache
-from thinkzero.model.config import ModelConfig
 from thinkzero.model.mla import absorbed_bias
-from thinkzero.model.transformer import DeepseekForCausalLM
 
-BASE = dict(
-    model_type="deepseek_v3",
-    vocab_size=80,
-    hidden_size=48,
-    intermediate_size=64,
-    moe_intermediate_size=16,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    q_lora_rank=24,
-    kv_lora_rank=16,
-    qk_nope_head_dim=12,
-    qk_rope_head_dim=8,
-    v_head_dim=10,
-    n_routed_experts=8,
-    n_shared_experts=1,
-    num_experts_per_tok=2,
-    n_group=4,
-    topk_group=2,
-    first_k_dense_replace=1,
-    max_position_embeddings=128,
-)
+# Variants of conftest's small V3 model.
 VARIANTS = {
     "v3": {},
     "v2_no_qlora": dict(
@@ -47,13 +24,13 @@ VARIANTS = {
 }
 
 
-def make_model(variant: str = "v3", seed: int = 0, **overrides) -> DeepseekForCausalLM:
-    torch.manual_seed(seed)
-    model = DeepseekForCausalLM(ModelConfig.from_dict({**BASE, **VARIANTS[variant], **overrides})).eval()
-    return randomize_(model, 0.15, 0.3)  # large enough weights that attention is far from uniform
+@pytest.fixture
+def make_model(small_model):
+    """make_model(variant="v3", seed=0, **fields); weights large enough that attention is far from uniform."""
+    return lambda variant="v3", seed=0, **fields: small_model(seed, 0.15, 0.3, **{**VARIANTS[variant], **fields})
 
 
-def ids(B, T, seed=0, vocab=80):
+def ids(B, T, seed=0, vocab=70):
     return torch.randint(3, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
@@ -62,7 +39,7 @@ def max_diff(a, b) -> float:
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_absorbed_equals_plain(variant):
+def test_absorbed_equals_plain(make_model, variant):
     model = make_model(variant)
     x = ids(2, 20)
     with torch.no_grad():
@@ -73,7 +50,7 @@ def test_absorbed_equals_plain(variant):
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_token_by_token_cached_decode_equals_full_forward(variant):
+def test_token_by_token_cached_decode_equals_full_forward(make_model, variant):
     model = make_model(variant)
     x = ids(3, 18)
     with torch.no_grad():
@@ -84,7 +61,7 @@ def test_token_by_token_cached_decode_equals_full_forward(variant):
     assert max_diff(torch.cat(steps, dim=1), full) < 1e-5
 
 
-def test_prefill_then_chunks_both_paths():
+def test_prefill_then_chunks_both_paths(make_model):
     """Plain prefill into the cache, then a multi-token chunk on each path, then single steps."""
     model = make_model("yarn")
     x = ids(2, 16)
@@ -100,7 +77,7 @@ def test_prefill_then_chunks_both_paths():
             assert max_diff(torch.cat(parts, dim=1), full) < 1e-5
 
 
-def test_left_padded_batch_equals_each_sequence_alone():
+def test_left_padded_batch_equals_each_sequence_alone(make_model):
     model = make_model("yarn")
     lengths = [9, 5, 12]
     seqs = [ids(1, n, seed=i)[0] for i, n in enumerate(lengths)]
@@ -118,7 +95,7 @@ def test_left_padded_batch_equals_each_sequence_alone():
             assert max_diff(padded[i, T - len(s) :], alone) < 1e-5
 
 
-def test_left_padded_decode_with_cache_equals_each_sequence_alone():
+def test_left_padded_decode_with_cache_equals_each_sequence_alone(make_model):
     """Prefill left-padded prompts, then decode with a growing mask: each row matches its own full forward."""
     model = make_model("v3")
     prompts = [ids(1, n, seed=10 + i)[0] for i, n in enumerate([4, 7])]
@@ -140,7 +117,7 @@ def test_left_padded_decode_with_cache_equals_each_sequence_alone():
             assert max_diff(got[i], alone) < 1e-5
 
 
-def test_cache_holds_only_latent_and_rope_key():
+def test_cache_holds_only_latent_and_rope_key(make_model):
     model = make_model("v3")
     cfg = model.config
     L, B, cap = cfg.num_hidden_layers, 2, 24
@@ -165,7 +142,7 @@ def test_cache_holds_only_latent_and_rope_key():
     assert bf16.nbytes() == L * B * cap * (C + R) * 2
 
 
-def test_cache_repeat_interleave_and_index_select():
+def test_cache_repeat_interleave_and_index_select(make_model):
     model = make_model("v2_no_qlora")
     prompts = ids(2, 5)
     with torch.no_grad():
@@ -188,7 +165,7 @@ def test_cache_repeat_interleave_and_index_select():
             assert max_diff(step2[j], alone) < 1e-5
 
 
-def test_cache_overflow_is_an_error():
+def test_cache_overflow_is_an_error(make_model):
     model = make_model("v3")
     cache = LatentCache.for_model(model.config, 1, 4)
     with torch.no_grad():
@@ -197,7 +174,7 @@ def test_cache_overflow_is_an_error():
             model(ids(1, 2), cache=cache)
 
 
-def test_mask_must_cover_cached_and_new_tokens():
+def test_mask_must_cover_cached_and_new_tokens(make_model):
     model = make_model("v3")
     cache = LatentCache.for_model(model.config, 1, 8)
     with torch.no_grad():
@@ -206,7 +183,7 @@ def test_mask_must_cover_cached_and_new_tokens():
             model(ids(1, 1), attention_mask=torch.ones(1, 1, dtype=torch.long), cache=cache)
 
 
-def test_bf16_autocast_runs_both_paths():
+def test_bf16_autocast_runs_both_paths(make_model):
     """Under bf16 autocast both attention paths stay close to fp32 (with the fp32 routing replayed)."""
     model = make_model("v3")
     x = ids(2, 10)

@@ -4,21 +4,10 @@ and gradients."""
 
 import pytest
 import torch
-from randomize import randomize_
-from test_model_transformer import BASE
 
-from thinkzero.model.config import ModelConfig
-from thinkzero.model.transformer import DeepseekForCausalLM
-
-# test_model_transformer's small V3 model, with values narrower than the query/key heads (v 6 < 8 + 4).
-CFG = {**BASE, "vocab_size": 50, "qk_rope_head_dim": 4, "v_head_dim": 6}
+# conftest's small V3 model, with values narrower than the query/key heads (v 6 < 8 + 4).
+FIELDS = {"vocab_size": 50, "qk_rope_head_dim": 4, "v_head_dim": 6}
 P, G, TP, TC = 3, 4, 7, 9
-
-
-def make_model(**overrides) -> DeepseekForCausalLM:
-    torch.manual_seed(0)
-    model = DeepseekForCausalLM(ModelConfig.from_dict({**CFG, **overrides}))
-    return randomize_(model, 0.3, 0.2)
 
 
 def grouped_batch(seed: int = 0):
@@ -27,12 +16,12 @@ def grouped_batch(seed: int = 0):
     prompt_ids = torch.zeros(P, TP, dtype=torch.long)
     prompt_mask = torch.zeros(P, TP, dtype=torch.long)
     for p, n in enumerate((7, 4, 2)):
-        prompt_ids[p, TP - n:] = torch.randint(1, CFG["vocab_size"], (n,), generator=g)
+        prompt_ids[p, TP - n:] = torch.randint(1, FIELDS["vocab_size"], (n,), generator=g)
         prompt_mask[p, TP - n:] = 1
     lengths = torch.randint(1, TC + 1, (P * G,), generator=g)
     lengths[0] = TC
     completion_mask = (torch.arange(TC)[None, :] < lengths[:, None]).long()
-    completion_ids = torch.randint(1, CFG["vocab_size"], (P * G, TC), generator=g) * completion_mask
+    completion_ids = torch.randint(1, FIELDS["vocab_size"], (P * G, TC), generator=g) * completion_mask
     input_ids = torch.cat([prompt_ids.repeat_interleave(G, 0), completion_ids], dim=1)
     mask = torch.cat([prompt_mask.repeat_interleave(G, 0), completion_mask], dim=1)
     return input_ids, mask, completion_ids, completion_mask
@@ -44,8 +33,8 @@ def score(model, input_ids, mask, targets, **kwargs):
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_shared_prefix_equals_the_plain_forward_values_and_gradients(checkpointing):
-    model = make_model().train()
+def test_shared_prefix_equals_the_plain_forward_values_and_gradients(small_model, checkpointing):
+    model = small_model(scale=0.3, **FIELDS).train()
     if checkpointing:
         model.gradient_checkpointing_enable()
     input_ids, mask, targets, completion_mask = grouped_batch()
@@ -67,8 +56,8 @@ def test_shared_prefix_equals_the_plain_forward_values_and_gradients(checkpointi
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()), msg=name)
 
 
-def test_shared_prefix_with_routing_replay_and_without_targets():
-    model = make_model().eval()
+def test_shared_prefix_with_routing_replay_and_without_targets(small_model):
+    model = small_model(scale=0.3, **FIELDS)
     input_ids, mask, targets, _ = grouped_batch(seed=1)
     with torch.no_grad():
         plain = score(model, input_ids, mask, targets)
@@ -83,19 +72,19 @@ def test_shared_prefix_with_routing_replay_and_without_targets():
     torch.testing.assert_close(logits_shared, logits_plain, rtol=1e-5, atol=1e-5)
 
 
-def test_shared_prefix_refuses_groups_whose_prefixes_differ():
-    model = make_model().eval()
+def test_shared_prefix_refuses_groups_whose_prefixes_differ(small_model):
+    model = small_model(scale=0.3, **FIELDS)
     input_ids, mask, targets, _ = grouped_batch()
-    input_ids[1, TP - 1] = (input_ids[1, TP - 1] + 1) % CFG["vocab_size"]  # row 1 no longer shares prompt 0
+    input_ids[1, TP - 1] = (input_ids[1, TP - 1] + 1) % FIELDS["vocab_size"]  # row 1 no longer shares prompt 0
     with pytest.raises(ValueError, match="group 0"):
         score(model, input_ids, mask, targets, shared_prefix=TP, group_size=G)
     with pytest.raises(ValueError, match="group_size"):
         score(model, input_ids[:-1], mask[:-1], targets[:-1], shared_prefix=TP, group_size=G)
 
 
-def test_shared_prefix_with_sequence_aux_loss_matches():
+def test_shared_prefix_with_sequence_aux_loss_matches(small_model):
     """The sequence-wise balance loss needs whole rows: with it on, the forward does not share (same result)."""
-    model = make_model(aux_loss_alpha=0.01, seq_aux=True).train()
+    model = small_model(scale=0.3, aux_loss_alpha=0.01, seq_aux=True, **FIELDS).train()
     input_ids, mask, targets, _ = grouped_batch()
     plain = score(model, input_ids, mask, targets)
     shared = score(model, input_ids, mask, targets, shared_prefix=TP, group_size=G)

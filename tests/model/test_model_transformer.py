@@ -3,50 +3,21 @@ router-bias balancing, parameter names and tying."""
 
 import pytest
 import torch
-from randomize import randomize_
 
 from thinkzero.model.checkpoint import hf_views
 from thinkzero.model.config import ModelConfig
 from thinkzero.model.transformer import DeepseekForCausalLM
 
-BASE = dict(
-    model_type="deepseek_v3",
-    vocab_size=70,
-    hidden_size=32,
-    intermediate_size=48,
-    moe_intermediate_size=16,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    q_lora_rank=16,
-    kv_lora_rank=16,
-    qk_nope_head_dim=8,
-    qk_rope_head_dim=8,
-    v_head_dim=8,
-    n_routed_experts=8,
-    n_shared_experts=1,
-    num_experts_per_tok=2,
-    n_group=4,
-    topk_group=2,
-    first_k_dense_replace=1,
-    max_position_embeddings=64,
-)
 
-
-def make_model(seed=0, **overrides) -> DeepseekForCausalLM:
-    torch.manual_seed(seed)
-    model = DeepseekForCausalLM(ModelConfig.from_dict({**BASE, **overrides}))
-    return randomize_(model, 0.2, 0.2)
-
-
-def ids(B, T, seed=0):
-    return torch.randint(0, BASE["vocab_size"], (B, T), generator=torch.Generator().manual_seed(seed))
+def ids(B, T, seed=0, vocab=70):  # conftest's SMALL_V3 vocabulary
+    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_target_logprobs_and_entropy_match_full_log_softmax(temperature):
-    model = make_model()
+def test_target_logprobs_and_entropy_match_full_log_softmax(small_model, temperature):
+    model = small_model()
     x, targets = ids(2, 11), ids(2, 11, seed=1)
-    model.logprob_chunk_elems = 3 * 2 * BASE["vocab_size"]  # chunks of 3 positions: 4 chunks, the last short
+    model.logprob_chunk_elems = 3 * 2 * model.config.vocab_size  # chunks of 3 positions: 4 chunks, the last short
     out = model(x, target_ids=targets, temperature=temperature, compute_entropy=True)
     assert out.logits is None
     logp = torch.log_softmax(model(x).logits.float() / temperature, dim=-1)  # (B, T, V) reference
@@ -57,8 +28,8 @@ def test_target_logprobs_and_entropy_match_full_log_softmax(temperature):
     assert torch.allclose(out.entropy, expected_entropy, atol=1e-5)
 
 
-def test_target_start_scores_only_the_asked_positions():
-    model = make_model()
+def test_target_start_scores_only_the_asked_positions(small_model):
+    model = small_model()
     x, targets = ids(2, 11), ids(2, 4, seed=1)
     out = model(x, target_ids=targets, target_start=6, compute_entropy=True)  # predictions made at positions 6..9
     logp = torch.log_softmax(model(x).logits.float(), dim=-1)[:, 6:10]  # (B, 4, V) reference
@@ -69,11 +40,11 @@ def test_target_start_scores_only_the_asked_positions():
         model(x, target_ids=targets, target_start=8)
 
 
-def test_chunked_logprobs_gradients_match_direct():
-    model = make_model()
+def test_chunked_logprobs_gradients_match_direct(small_model):
+    model = small_model()
     x, targets = ids(2, 9), ids(2, 9, seed=1)
     weights = torch.randn(2, 9)
-    model.logprob_chunk_elems = 2 * 2 * BASE["vocab_size"]
+    model.logprob_chunk_elems = 2 * 2 * model.config.vocab_size
     (model(x, target_ids=targets).logprobs * weights).sum().backward()
     chunked = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
@@ -85,19 +56,19 @@ def test_chunked_logprobs_gradients_match_direct():
     assert "lm_head.weight" in chunked and chunked["lm_head.weight"].abs().sum() > 0
 
 
-def test_lm_head_called_as_a_module_per_chunk():
+def test_lm_head_called_as_a_module_per_chunk(small_model):
     """ZeRO-3 gathers lm_head's weight in its forward hooks, so logprobs must go through the module call."""
-    model = make_model().eval()
+    model = small_model()
     calls = []
     model.lm_head.register_forward_hook(lambda mod, inp, out: calls.append(tuple(out.shape)))
-    model.logprob_chunk_elems = 4 * 1 * BASE["vocab_size"]
+    model.logprob_chunk_elems = 4 * 1 * model.config.vocab_size
     with torch.no_grad():
         model(ids(1, 10), target_ids=ids(1, 10, seed=1))
     assert calls == [(1, 4, 70), (1, 4, 70), (1, 2, 70)]
 
 
-def test_gradient_checkpointing_same_loss_and_grads():
-    model = make_model(aux_loss_alpha=0.01).train()
+def test_gradient_checkpointing_same_loss_and_grads(small_model):
+    model = small_model(aux_loss_alpha=0.01).train()
     x, targets = ids(2, 8), ids(2, 8, seed=1)
 
     def loss_and_grads():
@@ -116,20 +87,20 @@ def test_gradient_checkpointing_same_loss_and_grads():
         assert torch.allclose(grads[n], grads_ckpt[n], atol=1e-5), n
 
 
-def test_aux_loss_only_when_enabled_and_training():
+def test_aux_loss_only_when_enabled_and_training(small_model):
     x = ids(2, 8)
-    assert make_model().train()(x).aux_loss.item() == 0.0
-    model = make_model(aux_loss_alpha=0.01)
+    assert small_model().train()(x).aux_loss.item() == 0.0
+    model = small_model(aux_loss_alpha=0.01)
     assert model.eval()(x).aux_loss.item() == 0.0
     out = model.train()(x)
     assert out.aux_loss.item() > 0 and out.aux_loss.requires_grad
 
 
 @pytest.mark.parametrize("seq_aux", [True, False])
-def test_aux_loss_ignores_padding(seq_aux):
+def test_aux_loss_ignores_padding(small_model, seq_aux):
     """Left padding neither dilutes nor skews the balance loss: what the pad tokens are does not matter, and (per
     sequence) a padded row counts as that row alone."""
-    model = make_model(aux_loss_alpha=0.01, seq_aux=seq_aux).train()
+    model = small_model(aux_loss_alpha=0.01, seq_aux=seq_aux).train()
     a, b = ids(1, 9, seed=1), ids(1, 6, seed=2)
     mask = torch.tensor([[1] * 9, [0] * 3 + [1] * 6])
     batch = torch.cat([a, torch.cat([torch.zeros(1, 3, dtype=torch.long), b], dim=1)])
@@ -144,8 +115,8 @@ def test_aux_loss_ignores_padding(seq_aux):
         torch.testing.assert_close(aux, (model(a).aux_loss + model(b).aux_loss) / 2)
 
 
-def test_routing_replay_and_expert_counts():
-    model = make_model().eval()
+def test_routing_replay_and_expert_counts(small_model):
+    model = small_model()
     x = ids(2, 8)
     with torch.no_grad():
         first = model(x, return_routing=True)
@@ -166,8 +137,8 @@ def test_routing_replay_and_expert_counts():
             model(x, routing=first.routing[:1])
 
 
-def test_update_router_bias_moves_toward_balance():
-    model = make_model()
+def test_update_router_bias_moves_toward_balance(small_model):
+    model = small_model()
     counts = [torch.tensor([10, 0, 2, 4, 4, 4, 4, 4]), torch.tensor([4] * 8)]
     before = [moe.gate.e_score_correction_bias.clone() for moe in model.moe_layers]
     model.update_router_bias(counts, gamma=0.1)
@@ -178,8 +149,8 @@ def test_update_router_bias_moves_toward_balance():
         model.update_router_bias(counts[:1], gamma=0.1)
 
 
-def test_parameter_names_are_the_checkpoint_names():
-    model = make_model(first_k_dense_replace=1, moe_layer_freq=2, q_lora_rank=None)
+def test_parameter_names_are_the_checkpoint_names(small_model):
+    model = small_model(first_k_dense_replace=1, moe_layer_freq=2, q_lora_rank=None)
     names = set(model.state_dict())
     assert "model.layers.0.mlp.gate_proj.weight" in names  # dense
     assert "model.layers.1.mlp.up_proj.weight" in names  # dense: 1 % 2 != 0
@@ -192,14 +163,14 @@ def test_parameter_names_are_the_checkpoint_names():
     assert {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"} <= names
 
 
-def test_tied_embeddings_share_one_tensor():
-    model = make_model(tie_word_embeddings=True)
+def test_tied_embeddings_share_one_tensor(small_model):
+    model = small_model(tie_word_embeddings=True)
     assert model.lm_head.weight is model.model.embed_tokens.weight
 
 
-def test_fresh_init_is_small_and_finite():
+def test_fresh_init_is_small_and_finite(small_config):
     torch.manual_seed(0)
-    model = DeepseekForCausalLM(ModelConfig.from_dict(BASE))
+    model = DeepseekForCausalLM(ModelConfig.from_dict(small_config))
     logits = model(ids(2, 6)).logits
     assert torch.isfinite(logits).all() and logits.abs().max() < 1.0
     assert all(
@@ -209,9 +180,9 @@ def test_fresh_init_is_small_and_finite():
     )
 
 
-def test_positions_follow_the_mask_not_the_column():
+def test_positions_follow_the_mask_not_the_column(small_model):
     """Shifting a sequence right by padding does not change its logits (positions come from the mask)."""
-    model = make_model().eval()
+    model = small_model()
     x = ids(1, 6)
     padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), x], dim=1)
     mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1, 1]])
