@@ -306,7 +306,8 @@ def _prefill(model, prompt_ids, prompt_mask, G: int, T_new: int, return_routing:
     return logits, active, routing
 
 
-def _decode_one(model, tok: torch.Tensor, active: _Active, width: int, routing_new=None, step: int | None = None):
+def _decode_one(model, tok: torch.Tensor, active: _Active, width: int, routing_new=None,
+                step: int | None = None) -> torch.Tensor:
     """Feeds each active row's newest token tok (n,) through the model on its cache; returns the next logits
     (n, V). With routing_new (per MoE layer (N, T_new, k)), records the token's routing at column `step`."""
     out = model(tok[:, None], attention_mask=active.attn_mask[:, :width], cache=active.cache,
@@ -399,7 +400,8 @@ class _Completions:
         )
 
 
-def _rows_by_prompt(rows_list: list[int], G: int, generators, device) -> list[tuple[torch.Tensor, torch.Generator]] | None:
+def _rows_by_prompt(rows_list: list[int], G: int, generators,
+                    device) -> list[tuple[torch.Tensor, torch.Generator]] | None:
     """Active-batch positions grouped by the prompt their original row belongs to, with that prompt's generator
     (None without per-prompt generators)."""
     if generators is None:
