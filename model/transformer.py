@@ -222,22 +222,6 @@ class DeepseekForCausalLM(nn.Module):
             return absorbed_bias(allowed, self.config.num_attention_heads, self.model.embed_tokens.weight.dtype)
         return allowed.unsqueeze(1)
 
-    def _head(self, h, target_ids, target_start: int, temperature: float, compute_entropy: bool):
-        """Final hidden states (B, T, D) -> (logits (B, T, V) or None, log p(target_ids) (B, n) or None, entropy
-        or None): the logits without target_ids, else only the target log-probs."""
-        if target_ids is None:
-            logits = self.lm_head(h)
-            entropy = _chunk_logprobs(self.lm_head, h, None, temperature, True)[1] if compute_entropy else None
-            return logits, None, entropy
-        n, T = target_ids.shape[1], h.shape[1]
-        if target_start < 0 or target_start + n > T:
-            raise ValueError(f"target_ids ({n} positions from target_start={target_start}) must fit in the "
-                             f"{T} input positions")
-        # Only the positions whose next token is asked for reach lm_head (prompts are often long).
-        logprobs, entropy = self.target_logprobs(h[:, target_start : target_start + n], target_ids, temperature,
-                                                 compute_entropy)
-        return None, logprobs, entropy
-
     def _layers(self, input_ids, rope, mask, cache, routing, absorb: bool, token_mask, checkpointed: bool):
         """The decoder layers over the full rows. Returns the last hidden states (B, T, D) and the MoE layers'
         stats."""
@@ -274,6 +258,22 @@ class DeepseekForCausalLM(nn.Module):
             if s is not None:
                 stats.append(s)
         return torch.cat((h_prefix.repeat_interleave(G, dim=0), h), dim=1), stats
+
+    def _head(self, h, target_ids, target_start: int, temperature: float, compute_entropy: bool):
+        """Final hidden states (B, T, D) -> (logits (B, T, V) or None, log p(target_ids) (B, n) or None, entropy
+        or None): the logits without target_ids, else only the target log-probs."""
+        if target_ids is None:
+            logits = self.lm_head(h)
+            entropy = _chunk_logprobs(self.lm_head, h, None, temperature, True)[1] if compute_entropy else None
+            return logits, None, entropy
+        n, T = target_ids.shape[1], h.shape[1]
+        if target_start < 0 or target_start + n > T:
+            raise ValueError(f"target_ids ({n} positions from target_start={target_start}) must fit in the "
+                             f"{T} input positions")
+        # Only the positions whose next token is asked for reach lm_head (prompts are often long).
+        logprobs, entropy = self.target_logprobs(h[:, target_start : target_start + n], target_ids, temperature,
+                                                 compute_entropy)
+        return None, logprobs, entropy
 
     def target_logprobs(
         self,
