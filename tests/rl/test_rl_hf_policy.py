@@ -1,0 +1,201 @@
+"""Transformers models as the policy (rl.hf_policy): the forward contract ours has, shared-prefix parity in values and
+gradients, chunked log-probs, the loader's choice and its errors, and sampling through transformers' generate."""
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from thinkzero.model.generate import SamplingParams  # noqa: E402
+from thinkzero.model.presets import write_random_model  # noqa: E402
+from thinkzero.model.transformer import DeepseekForCausalLM  # noqa: E402
+from thinkzero.rl.hf_policy import (  # noqa: E402
+    HF_PRESETS, HFCausalLM, HFGenerateEngine, PolicyError, load_policy, load_policy_tokenizer, policy_kind,
+    write_random_hf_model)
+
+
+def tiny(name: str, seed: int = 0) -> HFCausalLM:
+    fields = dict(HF_PRESETS[name])
+    config = transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)
+    torch.manual_seed(seed)
+    return HFCausalLM(config)
+
+
+def grouped_batch(P=2, G=3, Tp=6, Tc=5, V=128, seed=1):
+    """P prompts (the first left-padded by 2) with G right-padded completions each, prompt-major."""
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(4, V, (P, Tp), generator=g).repeat_interleave(G, dim=0)
+    prompt_mask = torch.ones(P, Tp, dtype=torch.long)
+    prompt_mask[0, :2] = 0
+    prompt_mask = prompt_mask.repeat_interleave(G, dim=0)
+    completion = torch.randint(4, V, (P * G, Tc), generator=g)
+    completion_mask = torch.ones(P * G, Tc, dtype=torch.long)
+    completion_mask[1, 3:] = 0
+    completion_mask[4, 1:] = 0
+    return torch.cat([prompt, completion], 1), torch.cat([prompt_mask, completion_mask], 1), completion, \
+        completion_mask
+
+
+def assert_grads_close(actual: dict, expected: dict, rel: float = 2e-6) -> None:
+    """Every gradient within rel * (its largest entry) of the expected one: fp32 sums in another order, no more."""
+    assert set(actual) == set(expected)
+    for n, g in expected.items():
+        err = float((actual[n] - g).abs().max())
+        assert err <= rel * float(g.abs().max()), f"{n}: max error {err} vs max {float(g.abs().max())}"
+
+
+def logprobs_and_grads(model, ids, mask, completion, completion_mask, **kwargs):
+    model.zero_grad(set_to_none=True)
+    Tp = ids.shape[1] - completion.shape[1]
+    out = model(ids, mask, target_ids=completion, target_start=Tp - 1, compute_entropy=True,
+                return_routing=bool(model.moe_layers), **kwargs)
+    loss = (out.logprobs * completion_mask).sum() + 0.1 * (out.entropy * completion_mask).sum()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out, grads
+
+
+@pytest.mark.parametrize("name", ["tiny_qwen2", "tiny_qwen3_moe"])
+def test_shared_prefix_logprobs_and_gradients_equal_the_plain_forward(name):
+    model = tiny(name).train()
+    ids, mask, completion, completion_mask = grouped_batch()
+    plain, plain_grads = logprobs_and_grads(model, ids, mask, completion, completion_mask)
+    shared, shared_grads = logprobs_and_grads(model, ids, mask, completion, completion_mask,
+                                              shared_prefix=6, group_size=3)
+    torch.testing.assert_close(shared.logprobs, plain.logprobs, rtol=0, atol=2e-6)
+    torch.testing.assert_close(shared.entropy, plain.entropy, rtol=0, atol=2e-6)
+    assert len(plain_grads) == len(list(model.parameters()))
+    assert_grads_close(shared_grads, plain_grads)
+    # The prompt's keys and values carry gradient: without them the first layer's k/v projections get none from
+    # the completions' targets, and their gradient would differ from the plain forward's.
+    assert plain_grads["hf.model.layers.0.self_attn.k_proj.weight"].abs().sum() > 0
+    if name == "tiny_qwen3_moe":
+        assert len(plain.routing) == 2 and plain.routing[0].shape == (6, 11, 2)
+        for a, b in zip(shared.routing, plain.routing):
+            assert torch.equal(a, b)
+        for a, b in zip(shared.expert_counts, plain.expert_counts):
+            assert torch.equal(a, b) and int(a.sum()) == 6 * 11 * 2
+
+
+@pytest.mark.parametrize("name", ["tiny_qwen2", "tiny_qwen3_moe"])
+def test_logprobs_are_transformers_own_and_ignore_left_padding(name):
+    """Our target log-probs and entropy equal a log-softmax over transformers' own logits, and a left-padded row
+    scores exactly what the same row without padding does (positions count real tokens only)."""
+    model = tiny(name).eval()
+    ids, mask, completion, completion_mask = grouped_batch()
+    with torch.no_grad():
+        out = model(ids, mask, target_ids=completion, target_start=5, compute_entropy=True, temperature=0.7)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model.hf(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, 5:-1].float() / 0.7
+        expected = logits.log_softmax(-1).gather(-1, completion[..., None])[..., 0]
+        entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
+        alone = model(ids[:1, 2:], target_ids=completion[:1], target_start=3, temperature=0.7).logprobs  # 2 pads
+    torch.testing.assert_close(out.logprobs, expected, rtol=0, atol=2e-6)
+    torch.testing.assert_close(out.entropy, entropy, rtol=0, atol=2e-5)
+    torch.testing.assert_close(out.logprobs[:1], alone, rtol=0, atol=2e-6)
+
+
+def test_chunked_logprobs_never_hold_the_whole_sequence_of_logits():
+    """With a budget of one row's logits per chunk, lm_head sees one position at a time and the numbers (and the
+    gradients, recomputed per chunk) equal those of a single chunk."""
+    model = tiny("tiny_qwen2").train()
+    ids, mask, completion, completion_mask = grouped_batch()
+    whole, whole_grads = logprobs_and_grads(model, ids, mask, completion, completion_mask)
+    widths = []
+    hook = model.lm_head.register_forward_hook(lambda m, args, out: widths.append(out.shape[1]))
+    model.logprob_chunk_elems = ids.shape[0] * model.config.vocab_size  # one position per chunk
+    chunked, chunked_grads = logprobs_and_grads(model, ids, mask, completion, completion_mask)
+    hook.remove()
+    assert set(widths) == {1} and len(widths) >= completion.shape[1]
+    torch.testing.assert_close(chunked.logprobs, whole.logprobs, rtol=0, atol=1e-6)
+    assert_grads_close(chunked_grads, whole_grads)
+
+
+def test_routing_replay_and_a_cache_are_refused_with_a_reason():
+    model = tiny("tiny_qwen3_moe")
+    ids = torch.randint(4, 128, (2, 5))
+    with pytest.raises(PolicyError, match="routing replay needs our own MoE.*routing_replay to false"):
+        model(ids, routing=[torch.zeros(2, 5, 2, dtype=torch.long)] * 2)
+    with pytest.raises(PolicyError, match="router_bias_update_gamma to 0"):
+        model.update_router_bias([torch.ones(8)] * 2, 0.01)
+    with pytest.raises(PolicyError, match="takes no cache"):
+        model(ids, cache=object())
+
+
+def test_load_policy_picks_ours_for_deepseek_and_transformers_otherwise(tmp_path):
+    write_random_model("tiny", tmp_path / "ds")
+    saved = write_random_hf_model("tiny_qwen2", tmp_path / "qwen", seed=3)
+    assert isinstance(load_policy(tmp_path / "ds"), DeepseekForCausalLM)
+    assert policy_kind(tmp_path / "ds", "transformers") == "transformers"
+    qwen = load_policy(tmp_path / "qwen", torch.float32)
+    assert isinstance(qwen, HFCausalLM) and not qwen.training
+    ids = torch.randint(4, 128, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(qwen(ids).logits, saved.eval()(ids).logits)
+        # and the directory is a plain transformers checkpoint
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "qwen", dtype=torch.float32)
+        assert torch.equal(theirs(ids).logits, qwen(ids).logits)
+    with pytest.raises(PolicyError, match="'thinkzero' implements deepseek_v2, deepseek_v3 only; this model is "
+                                          "'qwen2': use model.policy auto or transformers"):
+        load_policy(tmp_path / "qwen", policy="thinkzero")
+    with pytest.raises(PolicyError, match="must be auto, thinkzero or transformers; got 'hf'"):
+        load_policy(tmp_path / "qwen", policy="hf")
+
+
+def _config_only(path, **config):
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def test_unknown_model_types_and_remote_code_get_one_clear_message(tmp_path):
+    unknown = _config_only(tmp_path / "unknown", model_type="no_such_model")
+    with pytest.raises(PolicyError, match="'no_such_model' is not known to transformers .* ships no code"):
+        load_policy(unknown)
+    remote = _config_only(tmp_path / "remote", model_type="custom_lm",
+                          auto_map={"AutoModelForCausalLM": "modeling_custom.CustomLM"})
+    with pytest.raises(PolicyError, match="shipped with the checkpoint; running it needs "
+                                          r"model.trust_remote_code: true \(only for code you trust\)"):
+        load_policy(remote)
+    with pytest.raises(PolicyError, match="no config.json"):
+        load_policy(tmp_path)
+
+
+def test_transformers_tokenizer_renders_the_chat_template_with_a_system_prompt(tmp_path):
+    write_random_hf_model("tiny_qwen2", tmp_path)
+    ours, theirs = load_policy_tokenizer(tmp_path, "thinkzero"), load_policy_tokenizer(tmp_path, "transformers")
+    messages = [{"role": "system", "content": "Think first."}, {"role": "user", "content": "2+3?"}]
+    text = theirs.apply_chat_template(messages)
+    assert text == ours.apply_chat_template(messages) == "<bos>system: Think first.\nuser: 2+3?\nassistant: "
+    assert theirs.encode(text) == ours.encode(text)
+    assert (theirs.eos_token_id, theirs.pad_token_id, theirs.vocab_size) == (2, 0, 128)
+    assert theirs.decode(theirs.encode("7*8"), skip_special_tokens=True) == "7*8"
+
+
+def test_generate_engine_samples_per_prompt_streams_with_the_policys_logprobs(tmp_path):
+    write_random_hf_model("tiny_qwen2", tmp_path)
+    model, tokenizer = load_policy(tmp_path), load_policy_tokenizer(tmp_path, "transformers")
+    engine = HFGenerateEngine(model, tokenizer, torch.device("cpu"))
+    params = SamplingParams(max_new_tokens=10, temperature=0.8, top_k=40, eos_token_ids=(2,), stop_strings=("5",),
+                            pad_token_id=0)
+    prompts = [tokenizer.encode("12+3="), tokenizer.encode("what is 7*8?")]
+    batch = engine.sample(prompts, 3, params, seeds=[11, 12])
+    assert batch.completion_ids.shape[0] == 6 and batch.group_index.tolist() == [0, 0, 0, 1, 1, 1]
+    # A prompt's completions do not depend on what else is in the batch.
+    alone = engine.sample(prompts[1:], 3, params, seeds=[12])
+    n = alone.completion_ids.shape[1]
+    assert torch.equal(batch.completion_ids[3:, :n], alone.completion_ids)
+    # Cut right after a stop string, and 'stop' then; otherwise max_new_tokens and 'length'.
+    for row, reason, length in zip(batch.completion_ids, batch.finish_reasons, batch.lengths.tolist()):
+        text = tokenizer.decode(row[:length])
+        assert (reason == "stop") == ("5" in text or 2 in row[:length].tolist())
+        assert reason == "stop" or length == 10
+    # Sampling log-probs are the tempered, top-k filtered policy's: at top_k = V they equal the forward's.
+    full = SamplingParams(max_new_tokens=6, temperature=0.8, top_k=0, pad_token_id=0)
+    batch = engine.sample(prompts, 2, full, seeds=[1, 2])
+    with torch.no_grad():
+        out = model(batch.input_ids, batch.attention_mask, target_ids=batch.completion_ids,
+                    target_start=batch.prompt_ids.shape[1] - 1, temperature=0.8)
+    torch.testing.assert_close(out.logprobs * batch.completion_mask, batch.sampling_logprobs, rtol=0, atol=1e-5)
