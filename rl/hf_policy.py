@@ -232,6 +232,45 @@ def _check_transformers_type(path, trust_remote_code: bool) -> bool:
     return ships_code and trust_remote_code
 
 
+
+def save_policy(module: nn.Module, path: str | os.PathLike) -> None:
+    """A Hugging Face model directory of either policy (DDP / DeepSpeed wrappers unwrapped): save_pretrained for a
+    transformers one, so it opens in transformers and vLLM; model.save_model for ours."""
+    while isinstance(getattr(module, "module", None), nn.Module):
+        module = module.module
+    if isinstance(module, HFCausalLM):
+        module.save_pretrained(path)
+        return
+    from thinkzero.model.checkpoint import save_model
+
+    save_model(module, path)
+
+
+def check_engine(kind: str, engine: str) -> None:
+    """One clear error when the rollout engine cannot sample this kind of policy."""
+    if kind == "transformers" and engine == "thinkzero":
+        raise PolicyError("rollout.engine 'thinkzero' samples DeepSeek-V2/V3 models only (its cache is MLA's latent "
+                          "cache); this model runs through transformers: set rollout.engine to vllm, or to "
+                          "transformers (transformers' generate: the slow path, for CPU runs without vLLM)")
+    if kind == "thinkzero" and engine == "transformers":
+        raise PolicyError("rollout.engine 'transformers' samples transformers policies; this is a DeepSeek model "
+                          "on our own implementation: set rollout.engine to thinkzero or vllm")
+
+
+def check_moe_options(policy: nn.Module, aux_loss_coef: float, router_bias_update_gamma: float,
+                      routing_replay: bool) -> None:
+    """A transformers MoE policy trains with its router as transformers computes it: the options that need our own
+    MoE (a balance loss in our forward, DeepSeek-V3's router bias, replaying the rollout's experts) are refused."""
+    if not isinstance(policy, HFCausalLM) or not policy.moe_layers:
+        return
+    asked = [name for name, on in (("algorithm.moe.aux_loss_coef", aux_loss_coef > 0),
+                                   ("algorithm.moe.router_bias_update_gamma", router_bias_update_gamma > 0),
+                                   ("algorithm.moe.routing_replay", routing_replay)) if on]
+    if asked:
+        raise PolicyError(f"{' and '.join(asked)}: supported for our DeepSeek MoE only; this "
+                          f"{policy.config.model_type} model trains through transformers: turn them off (0 / false)")
+
+
 class HFTokenizer:
     """transformers' AutoTokenizer behind the interface of model.Tokenizer that the trainer uses (encode without
     added special tokens, decode, the chat template rendered to text, eos / pad ids, save)."""
@@ -327,6 +366,22 @@ def write_random_hf_model(name: str, out_dir: str | os.PathLike, seed: int = 0) 
         os.replace(file, out_dir / file.name)
     tmp.rmdir()
     return model
+
+
+
+def preset_kind(name: str) -> str:
+    """Who implements a random-init preset: 'transformers' for HF_PRESETS, 'thinkzero' for model/presets.py's."""
+    return "transformers" if name in HF_PRESETS else "thinkzero"
+
+
+def write_random_policy(name: str, out_dir: str | os.PathLike, seed: int = 0) -> None:
+    """A random-init model directory of either kind of preset (model.init_preset)."""
+    if preset_kind(name) == "transformers":
+        write_random_hf_model(name, out_dir, seed)
+        return
+    from thinkzero.model.presets import write_random_model
+
+    write_random_model(name, out_dir, seed=seed)
 
 
 # ---- sampling through transformers' generate (the slow path) ------------------------------------------------------

@@ -12,8 +12,8 @@ from thinkzero.model.generate import SamplingParams  # noqa: E402
 from thinkzero.model.presets import write_random_model  # noqa: E402
 from thinkzero.model.transformer import DeepseekForCausalLM  # noqa: E402
 from thinkzero.rl.hf_policy import (  # noqa: E402
-    HF_PRESETS, HFCausalLM, HFGenerateEngine, PolicyError, load_policy, load_policy_tokenizer, policy_kind,
-    write_random_hf_model)
+    HF_PRESETS, HFCausalLM, HFGenerateEngine, PolicyError, check_engine, check_moe_options, load_policy,
+    load_policy_tokenizer, policy_kind, save_policy, write_random_hf_model)
 
 
 def tiny(name: str, seed: int = 0) -> HFCausalLM:
@@ -199,3 +199,29 @@ def test_generate_engine_samples_per_prompt_streams_with_the_policys_logprobs(tm
         out = model(batch.input_ids, batch.attention_mask, target_ids=batch.completion_ids,
                     target_start=batch.prompt_ids.shape[1] - 1, temperature=0.8)
     torch.testing.assert_close(out.logprobs * batch.completion_mask, batch.sampling_logprobs, rtol=0, atol=1e-5)
+
+
+def test_save_policy_writes_a_directory_transformers_and_we_load_alike(tmp_path):
+    model = tiny("tiny_qwen3_moe", seed=5).eval()
+    save_policy(model, tmp_path)
+    ids = torch.randint(4, 128, (2, 7))
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.equal(theirs(ids).logits, model(ids).logits)
+        assert torch.equal(load_policy(tmp_path)(ids).logits, model(ids).logits)
+
+
+def test_engine_and_moe_options_that_cannot_work_are_refused_by_name():
+    with pytest.raises(PolicyError, match="'thinkzero' samples DeepSeek-V2/V3 models only .* set rollout.engine to "
+                                          "vllm, or to transformers"):
+        check_engine("transformers", "thinkzero")
+    with pytest.raises(PolicyError, match="'transformers' samples transformers policies"):
+        check_engine("thinkzero", "transformers")
+    for kind, engine in (("transformers", "vllm"), ("transformers", "transformers"), ("thinkzero", "thinkzero")):
+        check_engine(kind, engine)
+    moe, dense = tiny("tiny_qwen3_moe"), tiny("tiny_qwen2")
+    with pytest.raises(PolicyError, match="algorithm.moe.aux_loss_coef and algorithm.moe.routing_replay: supported "
+                                          "for our DeepSeek MoE only; this qwen3_moe model"):
+        check_moe_options(moe, 0.01, 0.0, True)
+    check_moe_options(moe, 0.0, 0.0, False)
+    check_moe_options(dense, 0.01, 0.01, True)  # no MoE layers: nothing these options would touch
