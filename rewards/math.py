@@ -46,6 +46,7 @@ import cmath
 import re
 from fractions import Fraction
 from functools import lru_cache
+from typing import NamedTuple
 
 from thinkzero.rewards import math_parse as mp
 from thinkzero.rewards.registry import reward
@@ -244,7 +245,7 @@ def _equal_values(g, p, rel, g_percent, p_percent) -> bool | None:
 
 
 def _equal_expr(g, p) -> bool:
-    if g[0] in _STRUCTURE or p[0] in _STRUCTURE:
+    if g.tag in _STRUCTURE or p.tag in _STRUCTURE:
         return False
     rel = DECIMAL_REL_TOL if mp.has_decimal(g) or mp.has_decimal(p) else 0.0
     symbols = sorted(mp.symbols_of(g) | mp.symbols_of(p))
@@ -275,11 +276,12 @@ _ALGEBRAIC = {"num", "sym", "const", "add", "sub", "mul", "div", "neg", "pow", "
 
 def _algebraic(node) -> bool:
     """Rational operations and small integer powers only: what simplify handles in predictable time."""
-    if node[0] not in _ALGEBRAIC:
+    if node.tag not in _ALGEBRAIC:
         return False
-    if node[0] == "pow" and not (node[2][0] == "num" and node[2][1].denominator == 1 and abs(node[2][1]) <= 20):
+    if node.tag == "pow" and not (node.right.tag == "num" and node.right.value.denominator == 1
+                                  and abs(node.right.value) <= 20):
         return False
-    return all(_algebraic(part) for part in node[1:] if isinstance(part, tuple))
+    return all(_algebraic(part) for part in node[1:] if type(part) in mp.NODE_TYPES)
 
 
 def _equal_sympy(g, p) -> bool:
@@ -299,43 +301,56 @@ def _equal_sympy(g, p) -> bool:
 
 def _rhs(node):
     """The value an equation chain states: `x = 3` -> 3, `2 + 3 = 5` -> 5."""
-    return node[2][-1] if node[0] == "rel" and all(op == "=" for op in node[1]) else None
+    return node.sides[-1] if node.tag == "rel" and all(op == "=" for op in node.ops) else None
 
 
 _FLIP = {"<": ">", ">": "<", "<=": ">=", ">=": "<="}
-_INF = ("const", "inf")
+_INF = mp.Name("const", "inf")
+
+
+class Interval(NamedTuple):
+    """A piece of the real line; the bounds are trees (-inf is neg(const inf))."""
+
+    lo: tuple
+    hi: tuple
+    lo_closed: bool
+    hi_closed: bool
+
+
+def _neg(node):
+    return mp.Unary("neg", node)
 
 
 def _one_sided(var, op, bound):
     """Intervals of `var op bound` where var is a symbol, -symbol or |symbol|; None for anything else."""
-    if var[0] == "neg" and var[1][0] in ("sym", "abs"):  # -x > -4  ->  x < 4
-        var, op, bound = var[1], _FLIP[op], ("neg", bound)
-    if var[0] == "sym":
+    if var.tag == "neg" and var.arg.tag in ("sym", "abs"):  # -x > -4  ->  x < 4
+        var, op, bound = var.arg, _FLIP[op], _neg(bound)
+    if var.tag == "sym":
         if op in ("<", "<="):
-            return [(("neg", _INF), bound, False, op == "<=")]
-        return [(bound, _INF, op == ">=", False)]
-    if var[0] == "abs" and var[1][0] == "sym":  # |x| < 2 -> (-2, 2); |x| >= 2 -> (-inf, -2] U [2, inf)
+            return [Interval(_neg(_INF), bound, False, op == "<=")]
+        return [Interval(bound, _INF, op == ">=", False)]
+    if var.tag == "abs" and var.arg.tag == "sym":  # |x| < 2 -> (-2, 2); |x| >= 2 -> (-inf, -2] U [2, inf)
         if op in ("<", "<="):
-            return [(("neg", bound), bound, op == "<=", op == "<=")]
-        return [(("neg", _INF), ("neg", bound), False, op == ">="), (bound, _INF, op == ">=", False)]
+            return [Interval(_neg(bound), bound, op == "<=", op == "<=")]
+        return [Interval(_neg(_INF), _neg(bound), False, op == ">="), Interval(bound, _INF, op == ">=", False)]
     return None
 
 
 def _intervals(node):
-    """The intervals (lo, hi, lo_closed, hi_closed) a node describes: `(a, b]`, a union of those, an inequality on one
+    """The Intervals a node describes: `(a, b]`, a union of those, an inequality on one
     variable (or on |variable|: 2 <= |t| <= 3 is [-3, -2] U [2, 3]), or a list of inequalities ('x < 1 or x > 2');
     None for anything else."""
-    tag = node[0]
-    if tag == "seq" and len(node[3]) == 2:
-        return [(node[3][0], node[3][1], node[1] == "[", node[2] == "]")]
+    tag = node.tag
+    if tag == "seq" and len(node.items) == 2:
+        return [Interval(node.items[0], node.items[1], node.open == "[", node.close == "]")]
     if tag in ("union", "list"):
-        if tag == "list" and not all(item[0] == "rel" for item in node[1]):
+        if tag == "list" and not all(item.tag == "rel" for item in node.items):
             return None
-        parts = [_intervals(item) for item in node[1]]
+        parts = [_intervals(item) for item in node.items]
         return None if any(p is None for p in parts) else [iv for p in parts for iv in p]
-    if tag != "rel" or any(op not in _FLIP for op in node[1]):
+    if tag != "rel" or any(op not in _FLIP for op in node.ops):
         return None
-    ops, sides = node[1], node[2]
+    ops, sides = node.ops, node.sides
     if len(ops) == 1:
         a, b = sides
         if _one_sided(b, "<", a) is not None and _one_sided(a, "<", b) is None:
@@ -352,26 +367,27 @@ def _intervals(node):
     below, above = _one_sided(var, ">" if lo_op == "<" else ">=", lo), _one_sided(var, hi_op, hi)
     if below is None or above is None:
         return None
-    if var[0] == "sym" or var[0] == "neg" and var[1][0] == "sym":
-        if var[0] == "neg":  # -3 < -x < 1  ->  -1 < x < 3
-            return [(above[0][0], below[0][1], above[0][2], below[0][3])]
-        return [(below[0][0], above[0][1], below[0][2], above[0][3])]
+    if var.tag == "sym" or var.tag == "neg" and var.arg.tag == "sym":
+        if var.tag == "neg":  # -3 < -x < 1  ->  -1 < x < 3
+            return [Interval(above[0].lo, below[0].hi, above[0].lo_closed, below[0].hi_closed)]
+        return [Interval(below[0].lo, above[0].hi, below[0].lo_closed, above[0].hi_closed)]
     # lo <= |t| <= hi: the two pieces [-hi, -lo] and [lo, hi]
     inner = _one_sided(var, hi_op, hi)[0]
     outer = _one_sided(var, ">" if lo_op == "<" else ">=", lo)
-    return [(inner[0], outer[0][1], inner[2], outer[0][3]), (outer[1][0], inner[1], outer[1][2], inner[3])]
+    return [Interval(inner.lo, outer[0].hi, inner.lo_closed, outer[0].hi_closed),
+            Interval(outer[1].lo, inner.hi, outer[1].lo_closed, inner.hi_closed)]
 
 
-def _equal_interval(a, b) -> bool:
-    return a[2] == b[2] and a[3] == b[3] and _equal(a[0], b[0]) and _equal(a[1], b[1])
+def _equal_interval(a: Interval, b: Interval) -> bool:
+    return a.lo_closed == b.lo_closed and a.hi_closed == b.hi_closed and _equal(a.lo, b.lo) and _equal(a.hi, b.hi)
 
 
 def _exact_part(node):
     """`x = 7 \\approx 6.9` states x = 7: a chain is read up to its first \\approx."""
-    if node[0] != "rel" or "~" not in node[1]:
+    if node.tag != "rel" or "~" not in node.ops:
         return node
-    k = node[1].index("~")
-    return node[2][0] if k == 0 else ("rel", node[1][:k], node[2][:k + 1])
+    k = node.ops.index("~")
+    return node.sides[0] if k == 0 else mp.Rel("rel", node.ops[:k], node.sides[:k + 1])
 
 
 def _equal_unordered(gs: list, ps: list, equal=None) -> bool:
@@ -396,7 +412,7 @@ def _equal_ordered(gs: list, ps: list) -> bool:
 
 def _cells(node):
     """A matrix's cells as a flat list when it is one row or one column, else None."""
-    rows = node[1]
+    rows = node.rows
     if len(rows) == 1:
         return rows[0]
     if all(len(r) == 1 for r in rows):
@@ -404,52 +420,56 @@ def _cells(node):
     return None
 
 
+def _equal_relations(g, p) -> bool:
+    if g.sides[0].tag == "sym" and p.sides[0].tag == "sym" and _rhs(g) is not None and _rhs(p) is not None:
+        return g.sides[0].name == p.sides[0].name and _equal(_rhs(g), _rhs(p))  # x = 3 + 4 = 7 vs x = 7
+    if g.ops == p.ops and len(g.sides) == len(p.sides) and all(map(_equal, g.sides, p.sides)):
+        return True
+    if g.ops == p.ops == ("=",):  # a = b vs c = d: same equation up to sides and sign
+        dg = mp.Binary("sub", g.sides[0], g.sides[1])
+        return (_equal_expr(dg, mp.Binary("sub", p.sides[0], p.sides[1]))
+                or _equal_expr(dg, mp.Binary("sub", p.sides[1], p.sides[0])))
+    return False
+
+
 def _equal(g, p) -> bool:
-    tg, tp = g[0], p[0]
+    tg, tp = g.tag, p.tag
     if tg == "text" or tp == "text":
-        return tg == tp and _norm_string(g[1]) == _norm_string(p[1])
+        return tg == tp and _norm_string(g.name) == _norm_string(p.name)
     g, p = _exact_part(g), _exact_part(p)
-    tg, tp = g[0], p[0]
+    tg, tp = g.tag, p.tag
     if "rel" in (tg, tp) or "union" in (tg, tp) or "list" in (tg, tp):
         gi, pi = _intervals(g), _intervals(p)
         if gi is not None and pi is not None and (tg, tp) != ("seq", "seq"):
             return _equal_unordered(gi, pi, _equal_interval)
     if tg == "rel" or tp == "rel":
         if tg == "rel" and tp == "rel":
-            if g[2][0][0] == "sym" and p[2][0][0] == "sym" and _rhs(g) is not None and _rhs(p) is not None:
-                return g[2][0][1] == p[2][0][1] and _equal(_rhs(g), _rhs(p))  # x = 3 + 4 = 7 vs x = 7
-            if g[1] == p[1] and len(g[2]) == len(p[2]) and all(map(_equal, g[2], p[2])):
-                return True
-            if g[1] == p[1] == ("=",):  # a = b vs c = d: same equation up to sides and sign
-                dg = ("sub", g[2][0], g[2][1])
-                return _equal_expr(dg, ("sub", p[2][0], p[2][1])) or _equal_expr(dg, ("sub", p[2][1], p[2][0]))
-            return False
+            return _equal_relations(g, p)
         rel, other = (g, p) if tg == "rel" else (p, g)
         value = _rhs(rel)
         if value is not None:
             return _equal(value, other) if tg == "rel" else _equal(other, value)
         return False
     if tg in ("set", "list") and tp in ("set", "list"):
-        return _equal_unordered(g[1], p[1])
+        return _equal_unordered(g.items, p.items)
     if tg == "list" and tp == "seq" or tg == "seq" and tp == "list":
-        return _equal_ordered(g[-1], p[-1])
+        return _equal_ordered(g.items, p.items)
     if tg == "seq" and tp == "seq":
-        return g[1] == p[1] and g[2] == p[2] and _equal_ordered(g[3], p[3])
+        return g.open == p.open and g.close == p.close and _equal_ordered(g.items, p.items)
     if tg == "union" and tp == "union":
-        return _equal_unordered(g[1], p[1])
+        return _equal_unordered(g.items, p.items)
     if tg == "matrix" and tp == "matrix":
-        return len(g[1]) == len(p[1]) and all(_equal_ordered(a, b) for a, b in zip(g[1], p[1]))
+        return len(g.rows) == len(p.rows) and all(_equal_ordered(a, b) for a, b in zip(g.rows, p.rows))
     if tg == "matrix" and tp in ("seq", "list") or tp == "matrix" and tg in ("seq", "list"):
         m, other = (g, p) if tg == "matrix" else (p, g)
         cells = _cells(m)
-        items = other[-1]
-        if cells is None or (other[0] == "seq" and other[1] != "("):
+        if cells is None or (other.tag == "seq" and other.open != "("):
             return False
-        return _equal_ordered(cells, items) if tg == "matrix" else _equal_ordered(items, cells)
-    if tg in ("set", "list") and len(g[1]) == 1:
-        return _equal(g[1][0], p)
-    if tp in ("set", "list") and len(p[1]) == 1:
-        return _equal(g, p[1][0])
+        return _equal_ordered(cells, other.items) if tg == "matrix" else _equal_ordered(other.items, cells)
+    if tg in ("set", "list") and len(g.items) == 1:
+        return _equal(g.items[0], p)
+    if tp in ("set", "list") and len(p.items) == 1:
+        return _equal(g, p.items[0])
     return _equal_expr(g, p)
 
 
@@ -457,22 +477,21 @@ def _expand_pm(node, budget: int = 2):
     """A tree with a ± as the list of its values (1 \\pm \\sqrt{2} -> 1 + \\sqrt{2}, 1 - \\sqrt{2}); others unchanged."""
     if budget == 0 or not mp.has_tag(node, {"pm"}):
         return node
-    if node[0] == "rel":  # x = 1 \pm 2
-        sides = node[2]
-        last = _expand_pm(sides[-1], budget)
-        return last if last[0] == "list" and all(op == "=" for op in node[1]) else node
+    if node.tag == "rel":  # x = 1 \pm 2
+        last = _expand_pm(node.sides[-1], budget)
+        return last if last.tag == "list" and all(op == "=" for op in node.ops) else node
     variants = []
 
     def substitute(n, tag):
-        if n[0] == "pm":
-            return (tag, n[1], n[2])
-        return tuple(substitute(part, tag) if isinstance(part, tuple) and mp.has_tag(part, {"pm"}) else part
-                     for part in n)
+        if n.tag == "pm":
+            return mp.Binary(tag, n.left, n.right)
+        return type(n)(*(substitute(part, tag) if type(part) in mp.NODE_TYPES and mp.has_tag(part, {"pm"})
+                         else part for part in n))
 
     for tag in ("add", "sub"):
         expanded = _expand_pm(substitute(node, tag), budget - 1)
-        variants.extend(expanded[1] if expanded[0] == "list" else [expanded])
-    return ("list", variants)
+        variants.extend(expanded.items if expanded.tag == "list" else [expanded])
+    return mp.Items("list", variants)
 
 
 @lru_cache(maxsize=8192)
@@ -482,7 +501,7 @@ def _units(text: str) -> frozenset:
         tokens = mp.tokenize(mp.clean(text)) if len(text) <= mp.MAX_CHARS else []
     except mp.AnswerError:
         return frozenset()
-    words = (str(t[1]).lower() for t in tokens if t[0] == "word")
+    words = (str(value).lower() for kind, value, _ in tokens if kind == "word")
     words = (w[:-1] if len(w) > 2 and w.endswith("s") else w for w in words)
     return frozenset(w for w in words if w in mp.UNIT_WORDS)
 
@@ -506,7 +525,7 @@ def answers_equal(gold: str, prediction: str, decimal_comma: bool = True) -> boo
     if decimal_comma:  # a predicted `3,75` is 3.75 only against a single number: against `3, 75` it is a list
         reading = _decimal_comma(prediction)
         parsed = _parse(gold)
-        if reading is not None and parsed is not None and parsed[0] not in _STRUCTURE:
+        if reading is not None and parsed is not None and parsed.tag not in _STRUCTURE:
             return answers_equal(gold, reading, False)
     g, p = _parse(gold), _parse(prediction)
     if g is None or p is None:

@@ -1,7 +1,7 @@
 """A small, bounded parser for final answers written in LaTeX or plain math.
 
 Model text is never handed to Python or to sympy's string parsers (`eval`, `sympify`, `parse_expr`): we tokenize it
-ourselves, parse it with a recursive-descent parser into a tree of plain tuples, and evaluate that tree with exact
+ourselves, parse it with a recursive-descent parser into a tree of small NamedTuples, and evaluate that tree with exact
 `Fraction` arithmetic (falling back to complex floats for irrational values). sympy objects are only ever built from
 the tree through constructors (`to_sympy`), and only for small trees.
 
@@ -11,19 +11,20 @@ Every resource an answer could blow up is bounded before any arithmetic happens:
   * size of every exact intermediate result (MAX_BITS).
 Anything over a bound raises `TooLarge`; anything unparseable raises `ParseError`. Both are `AnswerError`.
 
-Tree nodes (tuples, first item is the tag):
-  expressions: ("num", Fraction, is_decimal) ("sym", name) ("const", "pi"|"e"|"i"|"inf") ("add"|"sub"|"mul"|"div"|"pow", a, b)
-               ("neg", a) ("fact", a) ("func", name, a) ("log", base, a) ("root", a, n) ("abs", a) ("binom", n, k)
-               ("percent", a) ("pm", a, b) (a ± b: stands for the two values a + b and a - b)
-  structure:   ("rel", ops, sides) (ops: = < > <= >= != and ~ for \\approx) ("seq", open, close, items)
-               ("set", items) ("list", items) (a `;` list holds `,` lists: a=3,b=1;a=5,b=1) ("union", parts)
-               ("matrix", rows) ("text", str)
+Tree nodes are small NamedTuples whose first field is the tag (so they still compare and unpack as tuples):
+  Num(num, value: Fraction, is_decimal)   Name(sym | const | text, name) (const: pi e i inf)
+  Unary(neg | fact | abs | percent, arg)  Binary(add | sub | mul | div | pow | binom | pm, left, right)
+  Func(func, name, arg)  Log(log, base, arg)  Root(root, arg, index)
+  Rel(rel, ops, sides) (ops: = < > <= >= != and ~ for \\approx)   Seq(seq, open, close, items) (tuples, intervals)
+  Items(set | list | union, items) (a `;` list holds `,` lists: a=3,b=1;a=5,b=1)   Matrix(matrix, rows)
+`pm` is a ± b: it stands for the two values a + b and a - b.
 """
 
 import cmath
 import math
 import re
 from fractions import Fraction
+from typing import NamedTuple
 
 MAX_CHARS = 1_000
 MAX_TOKENS = 400
@@ -45,6 +46,75 @@ class ParseError(AnswerError):
 
 class TooLarge(AnswerError):
     pass
+
+
+# --- tree nodes -----------------------------------------------------------------------------------------------------
+
+class Num(NamedTuple):
+    tag: str  # "num"
+    value: Fraction
+    is_decimal: bool  # written with a decimal point: it may approximate a value (see math._close)
+
+
+class Name(NamedTuple):
+    tag: str  # "sym" | "const" | "text"
+    name: str
+
+
+class Unary(NamedTuple):
+    tag: str  # "neg" | "fact" | "abs" | "percent"
+    arg: tuple
+
+
+class Binary(NamedTuple):
+    tag: str  # "add" | "sub" | "mul" | "div" | "pow" | "binom" | "pm"
+    left: tuple
+    right: tuple
+
+
+class Func(NamedTuple):
+    tag: str  # "func"
+    name: str  # a key of _CFUNCS
+    arg: tuple
+
+
+class Log(NamedTuple):
+    tag: str  # "log"
+    base: tuple
+    arg: tuple
+
+
+class Root(NamedTuple):
+    tag: str  # "root"
+    arg: tuple
+    index: tuple
+
+
+class Rel(NamedTuple):
+    tag: str  # "rel"
+    ops: tuple  # len(sides) - 1 of "=", "<", ">", "<=", ">=", "!=", "~"
+    sides: list
+
+
+class Seq(NamedTuple):
+    tag: str  # "seq"
+    open: str  # "(" | "["
+    close: str  # ")" | "]"
+    items: list
+
+
+class Items(NamedTuple):
+    tag: str  # "set" | "list" | "union"
+    items: list
+
+
+class Matrix(NamedTuple):
+    tag: str  # "matrix"
+    rows: list  # lists of cells, all of one length
+
+
+# `type(x) in NODE_TYPES`: a node, not one of the plain values or lists it holds (Rel.ops is a plain tuple).
+NODE_TYPES = frozenset((Num, Name, Unary, Binary, Func, Log, Root, Rel, Seq, Items, Matrix))
 
 
 # --- string clean-up ------------------------------------------------------------------------------------------------
@@ -82,8 +152,11 @@ _TOKEN_RE = re.compile(
     r"|(?P<word>[a-zA-Z]+)"
     r"|(?P<op><=|>=|!=|[-+*/^_()\[\]{}=<>!,;|&%:'])"
 )
-_FUNCS = {"sin", "cos", "tan", "cot", "sec", "csc", "arcsin", "arccos", "arctan", "sinh", "cosh", "tanh", "exp",
-          "ln", "log", "sqrt"}
+# Function commands and the name their value is computed under (a key of _CFUNCS).
+_FUNCS = {name: name for name in ("sin", "cos", "tan", "cot", "sec", "csc", "arcsin", "arccos", "arctan", "sinh",
+                                  "cosh", "tanh", "exp", "log")} | {"ln": "log", "lg": "log10"}
+# The same written as plain words (sin x, sqrt 2); a bare "lg" stays the product l*g, only \lg is a logarithm.
+_FUNC_WORDS = (_FUNCS.keys() - {"lg"}) | {"sqrt"}
 _CONST_WORDS = {"pi": "pi", "inf": "inf", "infty": "inf", "infinity": "inf"}
 _SEPARATOR_WORDS = {"or", "and"}
 _UNITS = {"cm", "mm", "km", "kg", "mg", "ml", "mL", "kb", "mb", "gb", "ft", "in", "yd", "mi", "lb", "lbs", "oz",
@@ -203,7 +276,7 @@ def _word_tokens(word: str, attached: bool, previous: list) -> list[tuple[str, o
     if len(word) == 1:
         return [("sym", word, attached)]
     low = word.lower()
-    if low in _FUNCS:
+    if low in _FUNC_WORDS:
         return [("cmd", low, attached)]
     if low in _CONST_WORDS:
         return [("cmd", "infty" if _CONST_WORDS[low] == "inf" else "pi", attached)]
@@ -222,43 +295,50 @@ def _word_tokens(word: str, attached: bool, previous: list) -> list[tuple[str, o
 _OPENERS = {"(": ")", "[": "]", "{": "}", "\\{": "\\}", "lbrack": "rbrack", "langle": "rangle", "lbrace": "rbrace"}
 
 
+_END = (None, None, True)  # what peek() sees past the last token
+_ADDITIVE = {"+": "add", "-": "sub", "pm": "pm", "mp": "pm"}
+
+
 class _Parser:
-    def __init__(self, tokens):
+    def __init__(self, tokens: list[tuple[str, object, bool]]):
         self.tokens = tokens
         self.pos = 0
         self.depth = 0
         self.nodes = 0
 
     # helpers
-    def peek(self, k: int = 0):
+    def peek(self, k: int = 0) -> tuple[str, object, bool]:
         j = self.pos + k
-        return self.tokens[j] if j < len(self.tokens) else (None, None, True)
+        return self.tokens[j] if j < len(self.tokens) else _END
 
-    def next(self):
+    def next(self) -> tuple[str, object, bool]:
         tok = self.peek()
         self.pos += 1
         return tok
 
+    def at_end(self) -> bool:
+        return self.pos >= len(self.tokens)
+
     def at(self, kind, value=None) -> bool:
-        tok = self.peek()
-        return tok[0] == kind and (value is None or tok[1] == value)
+        tok_kind, tok_value, _ = self.peek()
+        return tok_kind == kind and (value is None or tok_value == value)
 
     def at_op(self, *values) -> bool:
-        tok = self.peek()
-        if tok[0] == "op" and tok[1] in values:
+        kind, value, _ = self.peek()
+        if kind == "op" and value in values:
             return True
-        return tok[0] == "cmd" and ("\\" + tok[1]) in values
+        return kind == "cmd" and ("\\" + value) in values
 
     def expect_op(self, value):
         if not self.at_op(value):
             raise ParseError(f"expected {value!r}")
         self.pos += 1
 
-    def node(self, *parts):
+    def node(self, node):
         self.nodes += 1
         if self.nodes > MAX_NODES:
             raise TooLarge("expression too large")
-        return parts
+        return node
 
     def enter(self):
         self.depth += 1
@@ -267,6 +347,28 @@ class _Parser:
 
     def leave(self):
         self.depth -= 1
+
+    def braced_tokens(self, unclosed: str) -> list[tuple[str, object, bool]]:
+        """The tokens inside the {…} that starts here, nested braces included; moves past its closing brace."""
+        start, depth = self.pos + 1, 0
+        while True:
+            kind, value, _ = self.next()
+            if kind is None:
+                raise ParseError(unclosed)
+            if value == "{":
+                depth += 1
+            elif value == "}":
+                depth -= 1
+                if depth == 0:
+                    return self.tokens[start:self.pos - 1]
+
+    def braced_list(self):
+        """The answer inside {…}, its `{` already read."""
+        self.enter()
+        inner = self.parse_list(stop=("}",))
+        self.leave()
+        self.expect_op("}")
+        return inner
 
     # grammar
     def parse_answer(self):
@@ -280,42 +382,42 @@ class _Parser:
         groups = [self.parse_commas(stop)]
         while self.at_op(";"):
             self.pos += 1
-            if self.peek()[0] is None or self.at_op(*stop):
+            if self.at_end() or self.at_op(*stop):
                 break
             groups.append(self.parse_commas(stop))
-        return groups[0] if len(groups) == 1 else self.node("list", groups)
+        return groups[0] if len(groups) == 1 else self.node(Items("list", groups))
 
     def parse_commas(self, stop):
         items = [self.parse_relation()]
         while self.at_op(","):
             self.pos += 1
-            if self.peek()[0] is None or self.at_op(*stop):
+            if self.at_end() or self.at_op(*stop):
                 break
             items.append(self.parse_relation())
-        return items[0] if len(items) == 1 else self.node("list", items)
+        return items[0] if len(items) == 1 else self.node(Items("list", items))
 
     def parse_relation(self):
         sides = [self.parse_ratio()]
         ops = []
         while True:
-            tok = self.peek()
-            if tok[0] == "op" and tok[1] in ("=", "<", ">", "<=", ">=", "!="):
-                op = tok[1]
-            elif tok[0] == "cmd" and tok[1] in _REL_CMDS:
-                op = _REL_CMDS[tok[1]]
+            kind, value, _ = self.peek()
+            if kind == "op" and value in ("=", "<", ">", "<=", ">=", "!="):
+                op = value
+            elif kind == "cmd" and value in _REL_CMDS:
+                op = _REL_CMDS[value]
             else:
                 break
             self.pos += 1
             ops.append(op)
             sides.append(self.parse_ratio())
-        return sides[0] if not ops else self.node("rel", tuple(ops), sides)
+        return sides[0] if not ops else self.node(Rel("rel", tuple(ops), sides))
 
     def parse_ratio(self):
         """`a : b` is the ratio a / b (5:9 = 10:18 = 5/9)."""
         left = self.parse_union()
         while self.at_op(":"):
             self.pos += 1
-            left = self.node("div", left, self.parse_union())
+            left = self.node(Binary("div", left, self.parse_union()))
         return left
 
     def parse_union(self):
@@ -323,16 +425,16 @@ class _Parser:
         while self.at("cmd", "cup") or self.at("op", "U"):
             self.pos += 1
             parts.append(self.parse_expr())
-        return parts[0] if len(parts) == 1 else self.node("union", parts)
+        return parts[0] if len(parts) == 1 else self.node(Items("union", parts))
 
     def parse_expr(self):
         self.enter()
         if self.at_op("-"):
             self.pos += 1
-            left = self.node("neg", self.parse_term())
+            left = self.node(Unary("neg", self.parse_term()))
         elif self.at_op("\\pm", "\\mp"):  # ±3: the two values 3 and -3
             self.pos += 1
-            left = self.node("pm", self.node("num", Fraction(0), False), self.parse_term())
+            left = self.node(Binary("pm", self.node(Num("num", Fraction(0), False)), self.parse_term()))
         else:
             if self.at_op("+"):
                 self.pos += 1
@@ -340,7 +442,7 @@ class _Parser:
         while self.at_op("+", "-", "\\pm", "\\mp"):
             op = self.next()[1]
             right = self.parse_term()
-            left = self.node({"+": "add", "-": "sub", "pm": "pm", "mp": "pm"}[op], left, right)
+            left = self.node(Binary(_ADDITIVE[op], left, right))
         self.leave()
         return left
 
@@ -351,8 +453,8 @@ class _Parser:
         if kind == "op":
             return value == "("
         if kind == "cmd":
-            return value in ("frac", "sqrt", "pi", "infty", "binom", "log", "ln", "exp") or value in _FUNCS_LATEX \
-                or value in _GREEK or value in _SKIP_CMDS
+            return value in ("frac", "sqrt", "pi", "infty", "binom") or value in _FUNCS or value in _GREEK \
+                or value in _SKIP_CMDS
         return False
 
     def parse_term(self):
@@ -360,10 +462,10 @@ class _Parser:
         while True:
             if self.at_op("*", "\\times", "\\cdot", "\\ast"):
                 self.pos += 1
-                left = self.node("mul", left, self.parse_power())
+                left = self.node(Binary("mul", left, self.parse_power()))
             elif self.at_op("/", "\\div"):
                 self.pos += 1
-                left = self.node("div", left, self.parse_power())
+                left = self.node(Binary("div", left, self.parse_power()))
             elif self.at("word"):
                 self.pos += 1  # a unit or a word around the number: drop it (and a power on it: cm^2)
                 if self.at_op("^"):
@@ -371,10 +473,10 @@ class _Parser:
                     self.parse_postfix()
             elif self.at_op("%"):
                 self.pos += 1
-                left = self.node("percent", left)
+                left = self.node(Unary("percent", left))
             elif self.starts_atom():
                 right = self.parse_power()
-                left = self.node("mul", left, right)
+                left = self.node(Binary("mul", left, right))
             else:
                 return left
 
@@ -385,9 +487,9 @@ class _Parser:
             self.pos += 1
             if self.at_op("-"):  # x^-1
                 self.pos += 1
-                base = self.node("pow", base, self.node("neg", self.parse_power()))
+                base = self.node(Binary("pow", base, self.node(Unary("neg", self.parse_power()))))
             else:
-                base = self.node("pow", base, self.parse_power())
+                base = self.node(Binary("pow", base, self.parse_power()))
         self.leave()
         return base
 
@@ -396,32 +498,20 @@ class _Parser:
         while True:
             if self.at_op("!"):
                 self.pos += 1
-                atom = self.node("fact", atom)
-            elif self.at_op("_") and atom[0] == "sym":
+                atom = self.node(Unary("fact", atom))
+            elif self.at_op("_") and atom.tag == "sym":
                 self.pos += 1
-                sub = self.next()
-                if sub[0] == "op" and sub[1] == "{":
-                    depth, parts = 1, []
-                    while True:
-                        tok = self.next()
-                        if tok[0] is None:
-                            raise ParseError("unclosed subscript")
-                        if tok[1] == "{":
-                            depth += 1
-                        elif tok[1] == "}":
-                            depth -= 1
-                            if depth == 0:
-                                break
-                        parts.append(str(tok[1]))
-                    label = "".join(parts)
-                elif sub[0] in ("num", "sym"):
-                    label = str(sub[1])
+                if self.at_op("{"):
+                    label = "".join(str(value) for _, value, _ in self.braced_tokens("unclosed subscript"))
                 else:
-                    raise ParseError("bad subscript")
-                atom = self.node("sym", f"{atom[1]}_{label}")
+                    kind, value, _ = self.next()
+                    if kind not in ("num", "sym"):
+                        raise ParseError("bad subscript")
+                    label = str(value)
+                atom = self.node(Name("sym", f"{atom.name}_{label}"))
             elif self.at_op("'"):
                 self.pos += 1
-                atom = self.node("sym", atom[1] + "'") if atom[0] == "sym" else atom
+                atom = self.node(Name("sym", atom.name + "'")) if atom.tag == "sym" else atom
             else:
                 return atom
 
@@ -429,11 +519,7 @@ class _Parser:
         """A LaTeX argument: {…} or a single token."""
         if self.at_op("{"):
             self.pos += 1
-            self.enter()
-            inner = self.parse_list(stop=("}",))
-            self.leave()
-            self.expect_op("}")
-            return inner
+            return self.braced_list()
         return self.parse_postfix()
 
     def parse_bracketed(self, open_value):
@@ -443,10 +529,10 @@ class _Parser:
             items = []
         else:
             inner = self.parse_list(stop=(")", "]", "\\}"))
-            items = inner[1] if inner[0] == "list" else [inner]
+            items = inner.items if inner.tag == "list" else [inner]
         self.leave()
-        tok = self.next()
-        closer = tok[1] if tok[0] == "op" else ("\\" + tok[1] if tok[0] == "cmd" else None)
+        kind, value, _ = self.next()
+        closer = value if kind == "op" else ("\\" + value if kind == "cmd" else None)
         closer = {"\\rbrack": "]", "\\rangle": ")", "\\rbrace": "}", "\\}": "}"}.get(closer, closer)
         if closer not in (")", "]", "}"):
             raise ParseError("unclosed bracket")
@@ -454,54 +540,52 @@ class _Parser:
         if opener == "{":
             if closer != "}":
                 raise ParseError("unclosed set")
-            return self.node("set", items)
+            return self.node(Items("set", items))
         if opener == "(" and closer == ")" and len(items) == 1:
             return items[0]
         if closer == "}":
             raise ParseError("mismatched bracket")
-        return self.node("seq", opener, closer, items)
+        return self.node(Seq("seq", opener, closer, items))
+
+    def parse_number(self, value: str):
+        # Fraction(int) skips the string parser Fraction(str) runs; integers are most literals.
+        node = self.node(Num("num", Fraction(int(value)) if value.isdigit() else Fraction(value), "." in value))
+        # mixed number: 2\frac{1}{2} means 2 + 1/2
+        if "." not in value and "e" not in value.lower() and self.at("cmd", "frac") and self.peek()[2]:
+            save = self.pos
+            self.pos += 1
+            num, den = self.parse_group(), self.parse_group()
+            if num.tag == "num" and den.tag == "num" and not num.is_decimal and not den.is_decimal \
+                    and num.value < den.value:
+                return self.node(Binary("add", node, self.node(Binary("div", num, den))))
+            self.pos = save
+        return node
 
     def parse_atom(self):
         kind, value, _ = self.next()
         if kind is None:
             raise ParseError("unexpected end of answer")
         if kind == "num":
-            frac = Fraction(value)
-            node = self.node("num", frac, "." in value)
-            # mixed number: 2\frac{1}{2} means 2 + 1/2
-            if "." not in value and "e" not in value.lower() and self.at("cmd", "frac") and self.peek()[2]:
-                save = self.pos
-                self.pos += 1
-                num, den = self.parse_group(), self.parse_group()
-                if num[0] == "num" and den[0] == "num" and not num[2] and not den[2] and num[1] < den[1]:
-                    return self.node("add", node, self.node("div", num, den))
-                self.pos = save
-            return node
+            return self.parse_number(value)
         if kind == "sym":
-            if value == "e":
-                return self.node("const", "e")
-            if value == "i":
-                return self.node("const", "i")
-            return self.node("sym", value)
+            if value in ("e", "i"):
+                return self.node(Name("const", value))
+            return self.node(Name("sym", value))
         if kind == "word":
             raise ParseError("word")
         if kind == "op":
             if value in ("(", "["):
                 return self.parse_bracketed(value)
             if value == "{":
-                self.enter()
-                inner = self.parse_list(stop=("}",))
-                self.leave()
-                self.expect_op("}")
-                return inner
+                return self.braced_list()
             if value == "|":
                 self.enter()
                 inner = self.parse_expr()
                 self.leave()
                 self.expect_op("|")
-                return self.node("abs", inner)
+                return self.node(Unary("abs", inner))
             if value == "-":
-                return self.node("neg", self.parse_power())
+                return self.node(Unary("neg", self.parse_power()))
             raise ParseError(f"unexpected {value!r}")
         return self.parse_command(value)
 
@@ -509,7 +593,7 @@ class _Parser:
         if name in ("{", "lbrack", "langle", "lbrace"):
             return self.parse_bracketed("\\{" if name == "{" else name)
         if name in ("frac", "over"):
-            return self.node("div", self.parse_group(), self.parse_group())
+            return self.node(Binary("div", self.parse_group(), self.parse_group()))
         if name == "sqrt":
             index = None
             if self.at_op("["):
@@ -517,26 +601,28 @@ class _Parser:
                 index = self.parse_expr()
                 self.expect_op("]")
             arg = self.parse_group()
-            return self.node("root", arg, index if index is not None else self.node("num", Fraction(2), False))
+            if index is None:
+                index = self.node(Num("num", Fraction(2), False))
+            return self.node(Root("root", arg, index))
         if name == "binom":
-            return self.node("binom", self.parse_group(), self.parse_group())
+            return self.node(Binary("binom", self.parse_group(), self.parse_group()))
         if name == "pi":
-            return self.node("const", "pi")
+            return self.node(Name("const", "pi"))
         if name == "infty":
-            return self.node("const", "inf")
+            return self.node(Name("const", "inf"))
         if name in ("vert", "lvert", "rvert", "|"):
             inner = self.parse_expr()
             if not (self.at("cmd") and self.peek()[1] in ("vert", "rvert", "|")):
                 raise ParseError("unclosed absolute value")
             self.pos += 1
-            return self.node("abs", inner)
+            return self.node(Unary("abs", inner))
         if name in _GREEK:
-            return self.node("sym", name)
+            return self.node(Name("sym", name))
         if name in _SKIP_CMDS:
             return self.parse_group()
         if name == "begin":
             return self.parse_matrix()
-        if name in ("log", "ln", "lg") or name in _FUNCS_LATEX or name in _FUNCS:
+        if name in _FUNCS:
             return self.parse_function(name)
         raise ParseError(f"unsupported command \\{name}")
 
@@ -559,22 +645,20 @@ class _Parser:
             arg = self.parse_group()
         else:
             arg = self.parse_power()
-            while self.starts_atom() and not (self.at("cmd") and self.peek()[1] in _FUNCS_LATEX):
-                arg = self.node("mul", arg, self.parse_power())
-        if name == "sqrt":
-            out = self.node("root", arg, self.node("num", Fraction(2), False))
-        elif name == "log" and base is not None:
-            out = self.node("log", base, arg)
+            while self.starts_atom() and not (self.at("cmd") and self.peek()[1] in _FUNCS):
+                arg = self.node(Binary("mul", arg, self.parse_power()))
+        if name == "log" and base is not None:
+            out = self.node(Log("log", base, arg))
         else:
-            out = self.node("func", {"ln": "log", "lg": "log10"}.get(name, name), arg)
-        return self.node("pow", out, power) if power is not None else out
+            out = self.node(Func("func", _FUNCS[name], arg))
+        return self.node(Binary("pow", out, power)) if power is not None else out
 
     def parse_matrix(self):
         env_name = self.next()[1] if self.at("env") else None
         if env_name not in ("pmatrix", "bmatrix", "matrix", "array", "smallmatrix", "Bmatrix"):
             raise ParseError("unsupported environment")
         if env_name == "array" and self.at_op("{"):
-            self.parse_group_raw()
+            self.braced_tokens("unclosed group")  # the column spec {cc|c}
         rows, row = [], []
         while True:
             if self.at("cmd", "end"):
@@ -582,7 +666,7 @@ class _Parser:
                 if self.at("env"):
                     self.pos += 1
                 break
-            if self.peek()[0] is None:
+            if self.at_end():
                 raise ParseError("unclosed matrix")
             self.enter()
             row.append(self.parse_expr())
@@ -599,24 +683,7 @@ class _Parser:
             rows.append(row)
         if not rows or any(len(r) != len(rows[0]) for r in rows):
             raise ParseError("ragged matrix")
-        return self.node("matrix", rows)
-
-    def parse_group_raw(self):
-        depth = 0
-        while True:
-            tok = self.next()
-            if tok[0] is None:
-                raise ParseError("unclosed group")
-            if tok[1] == "{":
-                depth += 1
-            elif tok[1] == "}":
-                depth -= 1
-                if depth == 0:
-                    return
-
-
-_FUNCS_LATEX = {"sin", "cos", "tan", "cot", "sec", "csc", "arcsin", "arccos", "arctan", "sinh", "cosh", "tanh",
-                "exp", "ln", "log", "lg"}
+        return self.node(Matrix("matrix", rows))
 
 
 def parse(text: str):
@@ -624,9 +691,9 @@ def parse(text: str):
     tokens = tokenize(text)
     if not tokens:
         raise ParseError("empty answer")
-    words = [t for t in tokens if t[0] == "word"]
+    words = [value for kind, value, _ in tokens if kind == "word"]
     if len(words) == len(tokens):
-        return ("text", " ".join(str(t[1]) for t in words))
+        return Name("text", " ".join(map(str, words)))
     tokens = _drop_leading_words(tokens)
     return _Parser(tokens).parse_answer()
 
@@ -636,7 +703,7 @@ def _drop_leading_words(tokens):
     i = 0
     while i < len(tokens) and tokens[i][0] == "word":
         i += 1
-    if i < len(tokens) and tokens[i][0] == "op" and tokens[i][1] == ":":
+    if i < len(tokens) and tokens[i][:2] == ("op", ":"):
         i += 1
     return tokens[i:]
 
@@ -727,24 +794,50 @@ _CFUNCS = {
 _CONSTS = {"pi": complex(math.pi), "e": complex(math.e), "i": 1j, "inf": complex(math.inf)}
 
 
+def _root(a, k):
+    """The k-th root of a: exact when it is rational, the real root for odd k of a negative rational."""
+    if isinstance(k, Fraction) and k.denominator == 1 and 1 < k <= MAX_EXPONENT:
+        if isinstance(a, Fraction):
+            exact = _exact_root(a, int(k))
+            if exact is not None:
+                return exact
+            if a < 0 and k % 2 == 1:  # real odd root
+                return -(complex(-a) ** (1.0 / int(k)))
+        return _power(a, 1 / k)
+    if k == 0:
+        raise EvalError("zeroth root")
+    return _power(a, 1 / _complex(k))
+
+
+def _function(name: str, a):
+    """A function of _CFUNCS at a; exact at the rational points where the value is rational (sin 0, exp 0, log 1)."""
+    if name == "exp" and isinstance(a, Fraction) and a == 0:
+        return Fraction(1)
+    if name in ("sin", "tan", "arcsin", "arctan", "sinh", "tanh") and isinstance(a, Fraction) and a == 0:
+        return Fraction(0)
+    if name in ("log", "log10") and isinstance(a, Fraction) and a == 1:
+        return Fraction(0)
+    return _CFUNCS[name](_complex(a))
+
+
 def evaluate(node, env: dict):
     """Value of an expression tree: a Fraction when exact, else a complex. env maps symbol names to values."""
-    tag = node[0]
+    tag = node.tag
     try:
         if tag == "num":
-            return node[1]
+            return node.value
         if tag == "sym":
-            if node[1] not in env:
-                raise EvalError(f"unbound symbol {node[1]}")
-            return env[node[1]]
+            if node.name not in env:
+                raise EvalError(f"unbound symbol {node.name}")
+            return env[node.name]
         if tag == "const":
-            return _CONSTS[node[1]]
+            return _CONSTS[node.name]
         if tag == "neg":
-            return -evaluate(node[1], env)
+            return -evaluate(node.arg, env)
         if tag == "percent":
-            return evaluate(node[1], env)
+            return evaluate(node.arg, env)
         if tag in ("add", "sub", "mul", "div"):
-            a, b = evaluate(node[1], env), evaluate(node[2], env)
+            a, b = evaluate(node.left, env), evaluate(node.right, env)
             if tag == "add":
                 return _check(a + b)
             if tag == "sub":
@@ -755,44 +848,26 @@ def evaluate(node, env: dict):
                 raise EvalError("division by zero")
             return _check(a / b)
         if tag == "pow":
-            return _check(_power(evaluate(node[1], env), evaluate(node[2], env)))
+            return _check(_power(evaluate(node.left, env), evaluate(node.right, env)))
         if tag == "root":
-            a, k = evaluate(node[1], env), evaluate(node[2], env)
-            if isinstance(k, Fraction) and k.denominator == 1 and 1 < k <= MAX_EXPONENT:
-                if isinstance(a, Fraction):
-                    exact = _exact_root(a, int(k))
-                    if exact is not None:
-                        return exact
-                    if a < 0 and k % 2 == 1:  # real odd root
-                        return -(complex(-a) ** (1.0 / int(k)))
-                return _power(a, 1 / k)
-            if k == 0:
-                raise EvalError("zeroth root")
-            return _power(a, 1 / _complex(k))
+            return _root(evaluate(node.arg, env), evaluate(node.index, env))
         if tag == "fact":
-            a = evaluate(node[1], env)
+            a = evaluate(node.arg, env)
             if not (isinstance(a, Fraction) and a.denominator == 1 and 0 <= a <= MAX_FACTORIAL):
                 raise TooLarge("factorial argument not a small natural number")
             return Fraction(math.factorial(int(a)))
         if tag == "binom":
-            n, k = evaluate(node[1], env), evaluate(node[2], env)
+            n, k = evaluate(node.left, env), evaluate(node.right, env)
             if not all(isinstance(v, Fraction) and v.denominator == 1 and 0 <= v <= 10_000 for v in (n, k)):
                 raise TooLarge("binomial arguments not small natural numbers")
             return _check(Fraction(math.comb(int(n), int(k))))
         if tag == "abs":
-            a = evaluate(node[1], env)
+            a = evaluate(node.arg, env)
             return abs(a) if isinstance(a, Fraction) else complex(abs(a))
         if tag == "func":
-            a = evaluate(node[2], env)
-            if node[1] == "exp" and isinstance(a, Fraction) and a == 0:
-                return Fraction(1)
-            if node[1] in ("sin", "tan", "arcsin", "arctan", "sinh", "tanh") and isinstance(a, Fraction) and a == 0:
-                return Fraction(0)
-            if node[1] in ("log", "log10") and isinstance(a, Fraction) and a == 1:
-                return Fraction(0)
-            return _CFUNCS[node[1]](_complex(a))
+            return _function(node.name, evaluate(node.arg, env))
         if tag == "log":
-            base, a = _complex(evaluate(node[1], env)), _complex(evaluate(node[2], env))
+            base, a = _complex(evaluate(node.base, env)), _complex(evaluate(node.arg, env))
             return cmath.log(a) / cmath.log(base)
     except (ZeroDivisionError, OverflowError, ValueError) as err:
         if isinstance(err, AnswerError):
@@ -801,17 +876,19 @@ def evaluate(node, env: dict):
     raise EvalError(f"{tag} is not an expression")
 
 
+# Generic walks over a tree: a node's parts are nodes, lists of nodes (items, sides) or, in a matrix, lists of rows.
+
 def symbols_of(node, out: set | None = None) -> set:
     out = set() if out is None else out
-    if node[0] == "sym":
-        out.add(node[1])
+    if node.tag == "sym":
+        out.add(node.name)
     else:
         for part in node[1:]:
-            if isinstance(part, tuple):
+            if type(part) in NODE_TYPES:
                 symbols_of(part, out)
             elif isinstance(part, list):
                 for item in part:
-                    if isinstance(item, tuple):
+                    if type(item) in NODE_TYPES:
                         symbols_of(item, out)
                     elif isinstance(item, list):  # matrix rows
                         for cell in item:
@@ -820,26 +897,29 @@ def symbols_of(node, out: set | None = None) -> set:
 
 
 def has_tag(node, tags) -> bool:
-    if node[0] in tags:
+    """Whether a node of one of `tags` is in the tree (not looking inside matrix rows)."""
+    if node.tag in tags:
         return True
-    if node[0] == "num":
+    if node.tag == "num":
         return False
     for part in node[1:]:
-        if isinstance(part, tuple) and has_tag(part, tags):
+        if type(part) in NODE_TYPES and has_tag(part, tags):
             return True
-        if isinstance(part, list) and any(isinstance(x, tuple) and has_tag(x, tags) for x in part):
+        if isinstance(part, list) and any(type(x) in NODE_TYPES and has_tag(x, tags) for x in part):
             return True
     return False
 
 
 def has_decimal(node) -> bool:
-    if node[0] == "num":
-        return node[2]
-    return any(isinstance(part, tuple) and has_decimal(part) for part in node[1:])
+    """Whether an expression holds a number written with a decimal point."""
+    if node.tag == "num":
+        return node.is_decimal
+    return any(type(part) in NODE_TYPES and has_decimal(part) for part in node[1:])
 
 
 def size(node) -> int:
-    return 1 + sum(size(p) for p in node[1:] if isinstance(p, tuple))
+    """Nodes in an expression."""
+    return 1 + sum(size(p) for p in node[1:] if type(p) in NODE_TYPES)
 
 
 # --- sympy (only from trees, only through constructors) -------------------------------------------------------------
@@ -848,18 +928,18 @@ def to_sympy(node):
     """Build a sympy expression from a tree. Call only on trees that passed `evaluate`'s bounds."""
     import sympy
 
-    tag = node[0]
+    tag = node.tag
     if tag == "num":
-        return sympy.Rational(node[1].numerator, node[1].denominator)
+        return sympy.Rational(node.value.numerator, node.value.denominator)
     if tag == "sym":
-        return sympy.Symbol(node[1])
+        return sympy.Symbol(node.name)
     if tag == "const":
-        return {"pi": sympy.pi, "e": sympy.E, "i": sympy.I, "inf": sympy.oo}[node[1]]
+        return {"pi": sympy.pi, "e": sympy.E, "i": sympy.I, "inf": sympy.oo}[node.name]
     if tag in ("neg", "percent"):
-        inner = to_sympy(node[1])
+        inner = to_sympy(node.arg)
         return -inner if tag == "neg" else inner
     if tag in ("add", "sub", "mul", "div", "pow"):
-        a, b = to_sympy(node[1]), to_sympy(node[2])
+        a, b = to_sympy(node.left), to_sympy(node.right)
         if tag == "pow":
             if b.is_Number and abs(b) > MAX_EXPONENT:
                 raise TooLarge("exponent too large")
@@ -869,15 +949,15 @@ def to_sympy(node):
         return {"add": lambda: sympy.Add(a, b), "sub": lambda: sympy.Add(a, -b), "mul": lambda: sympy.Mul(a, b),
                 "div": lambda: sympy.Mul(a, sympy.Pow(b, -1))}[tag]()
     if tag == "root":
-        return sympy.root(to_sympy(node[1]), to_sympy(node[2]))
+        return sympy.root(to_sympy(node.arg), to_sympy(node.index))
     if tag == "abs":
-        return sympy.Abs(to_sympy(node[1]))
+        return sympy.Abs(to_sympy(node.arg))
     if tag == "func":
         fn = {"sin": sympy.sin, "cos": sympy.cos, "tan": sympy.tan, "cot": sympy.cot, "sec": sympy.sec,
               "csc": sympy.csc, "arcsin": sympy.asin, "arccos": sympy.acos, "arctan": sympy.atan, "sinh": sympy.sinh,
               "cosh": sympy.cosh, "tanh": sympy.tanh, "exp": sympy.exp, "log": sympy.log,
-              "log10": lambda z: sympy.log(z, 10)}[node[1]]
-        return fn(to_sympy(node[2]))
+              "log10": lambda z: sympy.log(z, 10)}[node.name]
+        return fn(to_sympy(node.arg))
     if tag == "log":
-        return sympy.log(to_sympy(node[2]), to_sympy(node[1]))
+        return sympy.log(to_sympy(node.arg), to_sympy(node.base))
     raise TooLarge(f"{tag} not converted to sympy")

@@ -451,3 +451,30 @@ def test_decimal_comma_can_be_turned_off():
     assert math_accuracy("\\boxed{3,75}", "3.75", decimal_comma=False) == 0.0
     assert math_accuracy("\\boxed{3,75}", "3, 75", decimal_comma=False) == 1.0
     assert math_accuracy("\\boxed{12,000}", "12000", decimal_comma=False) == 1.0
+
+
+def test_parse_trees_by_hand():
+    from fractions import Fraction
+
+    from thinkzero.rewards import math_parse as mp
+
+    def num(v):
+        return mp.Num("num", Fraction(v), False)
+
+    x = mp.Name("sym", "x")
+    # 2\frac{1}{2} is the mixed number 2 + 1/2; a label's subscript in braces is read whole.
+    assert mp.parse(r"2\frac{1}{2}") == mp.Binary("add", num(2), mp.Binary("div", num(1), num(2)))
+    assert mp.parse("S_{12} = 5") == mp.Rel("rel", ("=",), [mp.Name("sym", "S_12"), num(5)])
+    # \lg is log base 10, \ln the natural log; the word `lg` is the product l*g, the word `sqrt` a root.
+    assert mp.parse(r"\lg x") == mp.Func("func", "log10", x)
+    assert mp.parse(r"\ln(x)") == mp.Func("func", "log", x)
+    assert mp.parse("lg") == mp.Binary("mul", mp.Name("sym", "l"), mp.Name("sym", "g"))
+    assert mp.parse("sqrt 2") == mp.Root("root", num(2), num(2))
+    assert mp.parse(r"\log_2 8") == mp.Log("log", num(2), num(8))
+    assert mp.parse("[1, 2)") == mp.Seq("seq", "[", ")", [num(1), num(2)])
+    # The column spec of an array is skipped, nested braces and all.
+    assert mp.parse(r"\begin{array}{c{c}} 1 & 2 \end{array}") == mp.Matrix("matrix", [[num(1), num(2)]])
+    with pytest.raises(mp.ParseError, match="unclosed group"):
+        mp.parse(r"\begin{array}{cc 1 & 2")
+    with pytest.raises(mp.ParseError, match="unclosed subscript"):
+        mp.parse("x_{1")
