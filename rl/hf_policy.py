@@ -413,9 +413,8 @@ class _SamplingLogprobs:
 
 
 class HFGenerateEngine:
-    """A rollout engine (rl.engine) sampling with transformers' `generate`, one prompt at a time under its own seed
-    (so a prompt's completions do not depend on the batch, as with our engine). The slow path: for CPU runs without
-    vLLM; use rollout.engine vllm for real training."""
+    """A rollout engine (rl.engine) sampling with transformers' `generate` (see `generate`). The slow path: for CPU
+    runs without vLLM; use rollout.engine vllm for real training."""
 
     def __init__(self, model: nn.Module, tokenizer, device: torch.device):
         self.model, self.tokenizer, self.device = model, tokenizer, device
@@ -423,53 +422,65 @@ class HFGenerateEngine:
     def sample(self, prompts: list[list[int]], num_generations: int, params, seeds: list[int]):
         from thinkzero.rl.rollout import policy_for_sampling
 
-        rows = []
         with policy_for_sampling(self.model) as policy:
-            for prompt, seed in zip(prompts, seeds):
-                rows += self._sample_prompt(policy, prompt, num_generations, params, seed)
-        return _rollout_batch(rows, num_generations, params.pad_token_id, self.device)
-
-    def _sample_prompt(self, policy: HFCausalLM, prompt: list[int], G: int, params, seed: int) -> list[tuple]:
-        """G completions of one prompt: (prompt, completion ids, sampling log-probs, finish reason) each."""
-        from transformers import GenerationConfig, LogitsProcessorList
-
-        # Every sampling knob set here: a checkpoint's generation_config.json (e.g. Qwen's top_p 0.8,
-        # repetition_penalty 1.05) must not change what the recipe asked for.
-        config = GenerationConfig(max_new_tokens=params.max_new_tokens, do_sample=params.temperature > 0,
-                                  temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
-                                  num_return_sequences=G, eos_token_id=list(params.eos_token_ids) or None,
-                                  pad_token_id=params.pad_token_id, return_dict_in_generate=True)
-        recorder = _SamplingLogprobs(params)
-        ids = torch.tensor([prompt], device=self.device)
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            out = policy.hf.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config,
-                                     logits_processor=LogitsProcessorList([recorder]))
-        completions = out.sequences[:, len(prompt):]  # (G, t)
-        recorder.record(completions[:, -1])
-        logprobs = torch.stack(recorder.logprobs, dim=1)  # (G, t)
-        rows = []
-        for g in range(G):
-            n, reason = self._stop(completions[g].tolist(), params)
-            rows.append((prompt, completions[g, :n], logprobs[g, :n], reason))
-        return rows
-
-    def _stop(self, tokens: list[int], params) -> tuple[int, str]:
-        """(length, finish reason) of one completion: through its first EOS id or first completed stop string."""
-        from thinkzero.model.generate import StopStringChecker
-
-        checker = StopStringChecker(params.stop_strings, self.tokenizer.decode) if params.stop_strings else None
-        for j, tok in enumerate(tokens):
-            if tok in params.eos_token_ids or (checker and checker([tokens[max(0, j + 1 - checker.window):j + 1]])[0]):
-                return j + 1, "stop"
-        return len(tokens), "length"
+            return generate(policy, prompts, num_generations, params, seeds, self.tokenizer.decode)
 
     def sync_weights(self, model: nn.Module) -> None:
         pass  # samples with the training policy itself
 
     def close(self) -> None:
         pass
+
+
+def generate(policy: HFCausalLM, prompts: list[list[int]], num_generations: int, params, seeds: list[int] | None = None,
+             decode=None):
+    """model.generate's job for a transformers policy (bare, in eval mode), returned as a RolloutBatch: one
+    transformers `generate` call per prompt under its own seed (so a prompt's completions do not depend on the batch,
+    as with our engine; seeds None: 0 for each). `decode(ids) -> str` is needed only for stop strings."""
+    if params.stop_strings and decode is None:
+        raise ValueError("generate: params.stop_strings needs a `decode(ids) -> str` callable (e.g. tokenizer.decode)")
+    seeds = [0] * len(prompts) if seeds is None else seeds
+    rows = []
+    for prompt, seed in zip(prompts, seeds):
+        completions, logprobs = _generate_one(policy, prompt, num_generations, params, seed)
+        for g in range(num_generations):
+            n, reason = _stop(completions[g].tolist(), params, decode)
+            rows.append((prompt, completions[g, :n], logprobs[g, :n], reason))
+    device = next(policy.parameters()).device
+    return _rollout_batch(rows, num_generations, params.pad_token_id, device)
+
+
+def _generate_one(policy: HFCausalLM, prompt: list[int], G: int, params, seed: int):
+    """G completions of one prompt, (G, t) ids and (G, t) sampling log-probs, before cutting at stops."""
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    # Every sampling knob set here: a checkpoint's generation_config.json (e.g. Qwen's top_p 0.8,
+    # repetition_penalty 1.05) must not change what the recipe asked for.
+    config = GenerationConfig(max_new_tokens=params.max_new_tokens, do_sample=params.temperature > 0,
+                              temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
+                              num_return_sequences=G, eos_token_id=list(params.eos_token_ids) or None,
+                              pad_token_id=params.pad_token_id, return_dict_in_generate=True)
+    recorder = _SamplingLogprobs(params)
+    device = next(policy.parameters()).device
+    ids = torch.tensor([prompt], device=device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        out = policy.hf.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config,
+                                 logits_processor=LogitsProcessorList([recorder]))
+    completions = out.sequences[:, len(prompt):]  # (G, t)
+    recorder.record(completions[:, -1])
+    return completions, torch.stack(recorder.logprobs, dim=1)
+
+
+def _stop(tokens: list[int], params, decode) -> tuple[int, str]:
+    """(length, finish reason) of one completion: through its first EOS id or first completed stop string."""
+    from thinkzero.model.generate import StopStringChecker
+
+    checker = StopStringChecker(params.stop_strings, decode) if params.stop_strings else None
+    for j, tok in enumerate(tokens):
+        if tok in params.eos_token_ids or (checker and checker([tokens[max(0, j + 1 - checker.window):j + 1]])[0]):
+            return j + 1, "stop"
+    return len(tokens), "length"
 
 
 def _rollout_batch(rows: list[tuple], G: int, pad: int, device):

@@ -6,14 +6,25 @@ import json
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+from thinkzero.model.generate import SamplingParams
+from thinkzero.model.presets import write_random_model
+from thinkzero.model.transformer import DeepseekForCausalLM
+from thinkzero.rl.hf_policy import (
+    HF_PRESETS,
+    HFCausalLM,
+    HFGenerateEngine,
+    PolicyError,
+    check_engine,
+    check_moe_options,
+    load_policy,
+    load_policy_tokenizer,
+    policy_kind,
+    save_policy,
+    write_random_hf_model,
+)
+from thinkzero.rl.hf_policy import generate as hf_generate
 
-from thinkzero.model.generate import SamplingParams  # noqa: E402
-from thinkzero.model.presets import write_random_model  # noqa: E402
-from thinkzero.model.transformer import DeepseekForCausalLM  # noqa: E402
-from thinkzero.rl.hf_policy import (  # noqa: E402
-    HF_PRESETS, HFCausalLM, HFGenerateEngine, PolicyError, check_engine, check_moe_options, load_policy,
-    load_policy_tokenizer, policy_kind, save_policy, write_random_hf_model)
+transformers = pytest.importorskip("transformers")
 
 
 def tiny(name: str, seed: int = 0) -> HFCausalLM:
@@ -84,7 +95,7 @@ def test_logprobs_are_transformers_own_and_ignore_left_padding(name):
     """Our target log-probs and entropy equal a log-softmax over transformers' own logits, and a left-padded row
     scores exactly what the same row without padding does (positions count real tokens only)."""
     model = tiny(name).eval()
-    ids, mask, completion, completion_mask = grouped_batch()
+    ids, mask, completion, _ = grouped_batch()
     with torch.no_grad():
         out = model(ids, mask, target_ids=completion, target_start=5, compute_entropy=True, temperature=0.7)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -225,3 +236,16 @@ def test_engine_and_moe_options_that_cannot_work_are_refused_by_name():
         check_moe_options(moe, 0.01, 0.0, True)
     check_moe_options(moe, 0.0, 0.0, False)
     check_moe_options(dense, 0.01, 0.01, True)  # no MoE layers: nothing these options would touch
+
+
+def test_greedy_generate_takes_the_policys_argmax_and_logs_its_logprobs(tmp_path):
+    write_random_hf_model("tiny_qwen2", tmp_path, seed=4)
+    model = load_policy(tmp_path)
+    params = SamplingParams(max_new_tokens=8, temperature=0.0, pad_token_id=0)
+    batch = hf_generate(model, [[1, 20, 30, 40], [1, 50]], 1, params)
+    with torch.no_grad():
+        logits = model(batch.input_ids, batch.attention_mask).logits[:, batch.prompt_ids.shape[1] - 1:-1].float()
+    assert batch.lengths.tolist() == [8, 8] and batch.finish_reasons == ["length", "length"]
+    assert torch.equal(batch.completion_ids, logits.argmax(-1))
+    expected = logits.log_softmax(-1).gather(-1, batch.completion_ids[..., None])[..., 0]
+    torch.testing.assert_close(batch.sampling_logprobs, expected, rtol=0, atol=1e-5)
