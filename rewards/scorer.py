@@ -180,6 +180,71 @@ class _Worker:
         self.conn.close()
 
 
+class _Run:
+    """The bookkeeping of one `_Pool.run`. A task that loses an item (timed out, crashed, or skipped because its
+    function is out of time) goes out again without it under a new id; `origin` maps that id to the original task and
+    item indices, so that every result lands where it belongs."""
+
+    def __init__(self, tasks: list[list]):
+        self.tasks = tasks
+        self.pending = deque(enumerate(tasks))
+        self.partial: dict[int, dict] = {}  # task_id -> {item_index: result} for re-run pieces
+        self.lost: list = []
+        self.next_id = len(tasks)
+        self.origin: dict[int, tuple[int, list[int]]] = {}  # re-run task id -> (original task id, item indices)
+        # A function that overran once gets timeout_s more, shared by all its remaining calls in this run: a
+        # function that always hangs costs about 2 * timeout_s per batch, not timeout_s per sample.
+        self.fn_deadline: dict[int, float] = {}
+
+    def origin_of(self, task_id: int, n: int) -> tuple[int, list[int]]:
+        return self.origin.get(task_id, (task_id, list(range(n))))
+
+    def _piece(self, base: int, indices: list[int]) -> int:
+        """A new task id for the items `indices` of original task `base`."""
+        self.origin[self.next_id] = (base, indices)
+        self.next_id += 1
+        return self.next_id - 1
+
+    def requeue(self, task_id, items, skip):
+        """Puts the task back without item `skip` (None: all of it); returns (original task, original index of skip)."""
+        base, idx = self.origin_of(task_id, len(items))
+        keep = [j for j in range(len(items)) if j != skip]
+        if keep:
+            self.pending.appendleft((self._piece(base, [idx[j] for j in keep]), [items[j] for j in keep]))
+        return base, (idx[skip] if skip is not None else None)
+
+    def next_task(self, timeout_s: float):
+        """The next pending task less the calls whose function is out of time (recorded as lost); None if none is
+        left."""
+        while self.pending:
+            task = self._without_expired(*self.pending.popleft(), timeout_s)
+            if task is not None:
+                return task
+        return None
+
+    def _without_expired(self, task_id, items, timeout_s: float):
+        now = time.monotonic()
+        expired = {j for j, item in enumerate(items) if self.fn_deadline.get(item[0], math.inf) <= now}
+        if not expired:
+            return task_id, items
+        base, idx = self.origin_of(task_id, len(items))
+        self.lost.extend((base, idx[j], "timeout", (f"not run: its function already overran by {timeout_s:g} s "
+                                                    "in this batch")) for j in sorted(expired))
+        keep = [j for j in range(len(items)) if j not in expired]
+        if not keep:
+            return None
+        return self._piece(base, [idx[j] for j in keep]), [items[j] for j in keep]
+
+    def results(self) -> tuple[dict, list]:
+        for base, item, kind, message in self.lost:
+            self.partial.setdefault(base, {})[item] = ("fail", kind, message)
+        results = {}
+        for task_id, task in enumerate(self.tasks):
+            got = self.partial.get(task_id, {})
+            results[task_id] = [got[j] for j in range(len(task))]
+        return results, self.lost
+
+
 class _Pool:
     def __init__(self, refs, num_workers: int, timeout_s: float, start_method: str):
         if start_method == "fork":
@@ -206,118 +271,83 @@ class _Pool:
     def run(self, tasks: list[list]) -> tuple[dict, list]:
         """Run tasks (lists of items). Returns ({task_id: results}, lost) where lost holds
         (task_id, item_index, kind, message) for items that timed out or crashed their worker."""
-        pending = deque(enumerate(tasks))
-        results: dict[int, list] = {}
-        partial: dict[int, dict] = {}  # task_id -> {item_index: result} for re-run pieces
-        lost = []
-        next_id = len(tasks)
-        origin: dict[int, tuple[int, list[int]]] = {}  # re-run task id -> (original task id, item indices)
-
-        def requeue(task_id, items, skip):
-            nonlocal next_id
-            base, idx = origin.get(task_id, (task_id, list(range(len(items)))))
-            keep = [j for j in range(len(items)) if j != skip]
-            if keep:
-                origin[next_id] = (base, [idx[j] for j in keep])
-                pending.appendleft((next_id, [items[j] for j in keep]))
-                next_id += 1
-            return base, (idx[skip] if skip is not None else None)
-
-        # A function that overran once gets timeout_s more, shared by all its remaining calls in this run: a
-        # function that always hangs costs about 2 * timeout_s per batch, not timeout_s per sample.
-        fn_deadline: dict[int, float] = {}
-
-        def without_expired(task_id, items):
-            """The task less the calls whose function is out of time (recorded as lost); None if nothing is left."""
-            now = time.monotonic()
-            expired = {j for j, item in enumerate(items) if fn_deadline.get(item[0], math.inf) <= now}
-            if not expired:
-                return task_id, items
-            nonlocal next_id
-            base, idx = origin.get(task_id, (task_id, list(range(len(items)))))
-            lost.extend((base, idx[j], "timeout", f"not run: its function already overran by {self.timeout_s:g} s "
-                         "in this batch") for j in sorted(expired))
-            keep = [j for j in range(len(items)) if j not in expired]
-            if not keep:
-                return None
-            origin[next_id] = (base, [idx[j] for j in keep])
-            next_id += 1
-            return next_id - 1, [items[j] for j in keep]
-
-        while pending or any(w.task is not None for w in self.workers):
-            for w in self.workers:
-                if not (w.ready and w.task is None):
-                    continue
-                while w.task is None and pending:
-                    w.task = without_expired(*pending.popleft())
-                if w.task is None:
-                    continue
-                try:
-                    w.conn.send(w.task)
-                except (BrokenPipeError, OSError):
-                    pending.appendleft(w.task)
-                    w.task = None
-                    self._replace(w)
-            now = time.monotonic()
-            deadline = now + 1.0
-            for w in self.workers:
-                if w.task is not None:
-                    deadline = min(deadline, self._deadline(w, fn_deadline))
-            waitables = [w.conn for w in self.workers] + [w.process.sentinel for w in self.workers]
-            connection.wait(waitables, timeout=max(0.0, deadline - now) + 0.005)
-
+        run = _Run(tasks)
+        while run.pending or any(w.task is not None for w in self.workers):
+            self._dispatch(run)
+            self._wait(run.fn_deadline)
             for w in list(self.workers):
-                msg = None
-                try:
-                    if w.conn.poll():
-                        msg = w.conn.recv()
-                except (EOFError, OSError):
-                    msg = None
-                if msg is not None:
-                    if msg[0] == "ready":
-                        w.ready = True
-                        self.startup_failures = 0
-                    elif msg[0] == "init_error":
-                        self.close()
-                        raise RuntimeError(f"a reward worker could not load the reward functions:\n{msg[1]}")
-                    else:
-                        task_id, res = msg
-                        base, idx = origin.get(task_id, (task_id, list(range(len(res)))))
-                        partial.setdefault(base, {}).update(zip(idx, res))
-                        w.task = None
-                    continue
-                if not w.process.is_alive():
-                    if not w.ready:
-                        self.startup_failures += 1
-                        if self.startup_failures > 3:
-                            self.close()
-                            raise RuntimeError("reward workers keep dying while starting up "
-                                               f"(exit code {w.process.exitcode})")
-                    if w.task is not None:
-                        k = int(w.progress[0]) if w.progress[1] != _IDLE else None
-                        task_id, items = w.task
-                        base, item = requeue(task_id, items, k)
-                        if item is not None:
-                            lost.append((base, item, "crash",
-                                         f"the worker process died (exit code {w.process.exitcode})"))
-                    self._replace(w)
-                    continue
-                if w.task is not None and w.progress[1] != _IDLE:
-                    k = int(w.progress[0])
-                    now = time.monotonic()
-                    if now > self._deadline(w, fn_deadline):
-                        task_id, items = w.task
-                        fn_deadline.setdefault(items[k][0], now + self.timeout_s)
-                        base, item = requeue(task_id, items, k)
-                        lost.append((base, item, "timeout", f"took longer than {self.timeout_s:g} s"))
-                        self._replace(w)
+                self._poll(w, run)
+        return run.results()
 
-        for base, item, kind, message in lost:
-            partial.setdefault(base, {})[item] = ("fail", kind, message)
-        for task_id, task in enumerate(tasks):
-            got = partial.get(task_id, {})
-            results[task_id] = [got[j] for j in range(len(task))]
-        return results, lost
+    def _dispatch(self, run: _Run) -> None:
+        """Hands the next pending task to every idle worker that is ready."""
+        for w in self.workers:
+            if not (w.ready and w.task is None):
+                continue
+            w.task = run.next_task(self.timeout_s)
+            if w.task is None:
+                continue
+            try:
+                w.conn.send(w.task)
+            except (BrokenPipeError, OSError):
+                run.pending.appendleft(w.task)
+                w.task = None
+                self._replace(w)
+
+    def _wait(self, fn_deadline: dict[int, float]) -> None:
+        """Sleeps until a worker answers or dies, the first running call's deadline, or 1 s."""
+        now = time.monotonic()
+        deadline = now + 1.0
+        for w in self.workers:
+            if w.task is not None:
+                deadline = min(deadline, self._deadline(w, fn_deadline))
+        waitables = [w.conn for w in self.workers] + [w.process.sentinel for w in self.workers]
+        connection.wait(waitables, timeout=max(0.0, deadline - now) + 0.005)
+
+    def _poll(self, w: _Worker, run: _Run) -> None:
+        """Takes in what worker `w` sent, or handles its death or an overrun call (killed and replaced)."""
+        msg = None
+        try:
+            if w.conn.poll():
+                msg = w.conn.recv()
+        except (EOFError, OSError):
+            msg = None
+        if msg is not None:
+            if msg[0] == "ready":
+                w.ready = True
+                self.startup_failures = 0
+            elif msg[0] == "init_error":
+                self.close()
+                raise RuntimeError(f"a reward worker could not load the reward functions:\n{msg[1]}")
+            else:
+                task_id, res = msg
+                base, idx = run.origin_of(task_id, len(res))
+                run.partial.setdefault(base, {}).update(zip(idx, res))
+                w.task = None
+            return
+        if not w.process.is_alive():
+            if not w.ready:
+                self.startup_failures += 1
+                if self.startup_failures > 3:
+                    self.close()
+                    raise RuntimeError("reward workers keep dying while starting up "
+                                       f"(exit code {w.process.exitcode})")
+            if w.task is not None:
+                k = int(w.progress[0]) if w.progress[1] != _IDLE else None
+                base, item = run.requeue(*w.task, k)
+                if item is not None:
+                    run.lost.append((base, item, "crash", f"the worker process died (exit code {w.process.exitcode})"))
+            self._replace(w)
+            return
+        if w.task is not None and w.progress[1] != _IDLE:
+            k = int(w.progress[0])
+            now = time.monotonic()
+            if now > self._deadline(w, run.fn_deadline):
+                task_id, items = w.task
+                run.fn_deadline.setdefault(items[k][0], now + self.timeout_s)
+                base, item = run.requeue(task_id, items, k)
+                run.lost.append((base, item, "timeout", f"took longer than {self.timeout_s:g} s"))
+                self._replace(w)
 
     def close(self):
         asked = []
