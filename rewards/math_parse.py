@@ -197,6 +197,13 @@ def _read_group(text: str, i: int) -> tuple[str, int]:
     raise ParseError("unbalanced braces")
 
 
+def _group_at(text: str, i: int) -> tuple[str, int] | None:
+    """The {…} group at text[i] after any spaces, as _read_group returns it; None when there is none."""
+    while i < len(text) and text[i] == " ":
+        i += 1
+    return _read_group(text, i) if i < len(text) and text[i] == "{" else None
+
+
 def tokenize(text: str, _depth: int = 0) -> list[tuple[str, object, bool]]:
     """Tokens are (kind, value, attached) where attached says no whitespace preceded the token."""
     if len(text) > MAX_CHARS:
@@ -230,24 +237,18 @@ def tokenize(text: str, _depth: int = 0) -> list[tuple[str, object, bool]]:
             name = value[1:]
             if name in ("dfrac", "tfrac", "cfrac"):
                 name = "frac"
-            if name in _TEXT_CMDS:
-                j = i
-                while j < n and text[j] == " ":
-                    j += 1
-                if j < n and text[j] == "{":
-                    content, i = _read_group(text, j)
-                    after_number = bool(tokens) and tokens[-1][0] == "num"
-                    tokens.extend(_text_tokens(content, attached, _depth, after_number))
-                    attached = True
-                    continue
+            group = _group_at(text, i) if name in _TEXT_CMDS else None
+            if group is not None:
+                content, i = group
+                after_number = bool(tokens) and tokens[-1][0] == "num"
+                tokens.extend(_text_tokens(content, attached, _depth, after_number))
+                attached = True
+                continue
             tokens.append(("cmd", name, attached))
-            if name in ("begin", "end"):
-                j = i
-                while j < n and text[j] == " ":
-                    j += 1
-                if j < n and text[j] == "{":
-                    content, i = _read_group(text, j)
-                    tokens.append(("env", content.strip(), True))
+            group = _group_at(text, i) if name in ("begin", "end") else None
+            if group is not None:
+                content, i = group
+                tokens.append(("env", content.strip(), True))
         elif kind == "word":
             tokens.extend(_word_tokens(value, attached, tokens))
         else:
