@@ -50,9 +50,7 @@ class HFCausalLM(nn.Module):
     def __init__(self, config, model: nn.Module | None = None):
         super().__init__()
         if model is None:
-            from transformers import AutoModelForCausalLM
-
-            model = AutoModelForCausalLM.from_config(config)
+            model = _causal_lm_class(config)(config)
         self.hf = model
         self.config = model.config
         self.gradient_checkpointing = False
@@ -166,6 +164,22 @@ class HFCausalLM(nn.Module):
         return h, router_logits
 
 
+
+def _causal_lm_class(config) -> type:
+    """The transformers class for `config`. The model is then built by its plain constructor, not from_config: that
+    one partitions a new model with DeepSpeed's zero.Init whenever ZeRO-3 is active, which breaks the sampling twin
+    that rl.rollout builds on the meta device to share the gathered parameters."""
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    # A config class transformers does not ship exists only because the checkpoint's own code was already loaded
+    # (model.trust_remote_code); its model class comes from the same local code.
+    return get_class_from_dynamic_module(config.auto_map["AutoModelForCausalLM"], config._name_or_path,
+                                         local_files_only=True)
+
+
 # ---- loading ------------------------------------------------------------------------------------------------------
 
 
@@ -244,6 +258,19 @@ def save_policy(module: nn.Module, path: str | os.PathLike) -> None:
     from thinkzero.model.checkpoint import save_model
 
     save_model(module, path)
+
+
+
+def num_routed_experts(policy: nn.Module) -> int:
+    """Routed experts per MoE layer of either kind of policy (1 for a dense model)."""
+    if isinstance(policy, HFCausalLM):
+        return policy.num_experts or 1
+    return policy.config.n_routed_experts or 1
+
+
+def moe_classes(policy: nn.Module) -> list[type]:
+    """The classes of the policy's MoE blocks (ZeRO-3 gathers each such block whole); [] for a dense model."""
+    return sorted({type(m) for m in policy.moe_layers}, key=lambda c: c.__qualname__)
 
 
 def check_engine(kind: str, engine: str) -> None:
