@@ -2,7 +2,9 @@
 
 `w1` is the benchmark model used across the project (about 9M parameters); `tiny` is for fast tests; `demo` is the
 CPU demo's policy (about 0.8M parameters: small enough to train in minutes on two cores, big enough to learn it).
-Both use a character vocabulary whose special tokens come first: <pad>=0, <bos>=1, <eos>=2, <unk>=3.
+`tiny_mla576` and `w1_mla576` are `tiny` and `w1` with DeepSeek's real latent dims (kv_lora_rank 512 +
+qk_rope_head_dim 64 = 576), the only MLA head size vLLM's CPU kernel takes: the vLLM engine's tests and benchmarks.
+All use a character vocabulary whose special tokens come first: <pad>=0, <bos>=1, <eos>=2, <unk>=3.
 """
 
 import copy
@@ -91,6 +93,10 @@ PRESETS: dict[str, dict] = {
         **_COMMON,
     ),
 }
+# vLLM's CPU MLA decode kernel takes only a 576-wide latent (kv_lora_rank 512 + qk_rope_head_dim 64).
+_MLA576 = dict(kv_lora_rank=512, qk_rope_head_dim=64)
+PRESETS["tiny_mla576"] = {**PRESETS["tiny"], **_MLA576}
+PRESETS["w1_mla576"] = {**PRESETS["w1"], **_MLA576}
 
 
 def preset(name: str) -> dict:

