@@ -81,7 +81,11 @@ class HFCausalLM(nn.Module):
 
     def gradient_checkpointing_enable(self) -> None:
         self.gradient_checkpointing = True
-        self.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(self.hf, "activation_checkpointing_enable"):  # transformers >= 5.2x's name for it
+            self.hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            self.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     def update_router_bias(self, expert_counts, gamma: float) -> None:
         raise PolicyError(f"router-bias updates need DeepSeek-V3's router; {self.config.model_type} runs through "

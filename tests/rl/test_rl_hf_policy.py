@@ -90,6 +90,20 @@ def test_shared_prefix_logprobs_and_gradients_equal_the_plain_forward(name):
             assert torch.equal(a, b) and int(a.sum()) == 6 * 11 * 2
 
 
+def test_gradient_checkpointing_gives_the_same_logprobs_and_gradients():
+    """Checkpointed layers run twice, which a cache would see twice: the shared prefix then takes the plain path,
+    with the same numbers."""
+    model = tiny("tiny_qwen2").train()
+    ids, mask, completion, completion_mask = grouped_batch()
+    plain, plain_grads = logprobs_and_grads(model, ids, mask, completion, completion_mask)
+    model.gradient_checkpointing_enable()
+    assert all(layer.gradient_checkpointing for layer in model.hf.model.layers)
+    shared, shared_grads = logprobs_and_grads(model, ids, mask, completion, completion_mask,
+                                              shared_prefix=6, group_size=3)
+    torch.testing.assert_close(shared.logprobs, plain.logprobs, rtol=0, atol=2e-6)
+    assert_grads_close(shared_grads, plain_grads)
+
+
 @pytest.mark.parametrize("name", ["tiny_qwen2", "tiny_qwen3_moe"])
 def test_logprobs_are_transformers_own_and_ignore_left_padding(name):
     """Our target log-probs and entropy equal a log-softmax over transformers' own logits, and a left-padded row
