@@ -54,8 +54,9 @@ class VLLMEngine:
     """Samples with a vLLM `LLM` that holds a copy of the policy's weights; `sync_weights` refreshes the copy."""
 
     def __init__(self, llm, tokenizer, device: torch.device, moe_layer_ids: list[int], capture_routing: bool,
-                 sleep_mode: bool):
+                 sleep_mode: bool, joined_group: bool = False):
         self.llm, self.tokenizer, self.device = llm, tokenizer, device
+        self.joined_group = joined_group  # vLLM runs in the trainer's process group rather than one of its own
         self.moe_layer_ids = moe_layer_ids  # vLLM layer index of each of our MoE layers, in our order
         self.sleep_mode = sleep_mode
         self.asleep = False
@@ -85,16 +86,18 @@ class VLLMEngine:
             config = policy.config
             dtype = _DTYPES[next(policy.parameters()).dtype]
             moe_layer_ids = [i for i, layer in enumerate(policy.model.layers) if layer.is_moe]
+            backend = _executor_backend()
             llm = LLM(
                 model=path, skip_tokenizer_init=True, dtype=dtype, seed=cfg.train.seed,
                 max_model_len=v.max_model_len or cfg.data.max_prompt_length + cfg.rollout.max_new_tokens,
                 gpu_memory_utilization=v.gpu_memory_utilization, tensor_parallel_size=v.tensor_parallel_size,
                 enforce_eager=v.enforce_eager, enable_sleep_mode=sleep_mode, logprobs_mode="processed_logprobs",
-                distributed_executor_backend=_executor_backend(),
+                distributed_executor_backend=backend,
             )
         log.info("vLLM engine up: %s, %d MoE layers, vocab %d", dtype, len(moe_layer_ids), config.vocab_size)
         capture = cfg.algorithm.moe.routing_replay
-        return cls(llm, tokenizer, device, moe_layer_ids, capture_routing=capture, sleep_mode=sleep_mode)
+        return cls(llm, tokenizer, device, moe_layer_ids, capture_routing=capture, sleep_mode=sleep_mode,
+                   joined_group=backend is not None)
 
     # ---- sampling -------------------------------------------------------------------------------------------------
 
@@ -175,11 +178,16 @@ class VLLMEngine:
             self.asleep = False
 
     def close(self) -> None:
-        engine = getattr(self.llm, "llm_engine", None)
-        core = getattr(engine, "engine_core", None)
-        if core is not None:
-            core.shutdown()
+        """Shuts vLLM down; the process group vLLM made for itself goes too (a trainer's own group stays)."""
+        if self.llm is None:
+            return
+        from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+        self.llm.llm_engine.engine_core.shutdown()
         self.llm = None
+        destroy_model_parallel()
+        if not self.joined_group:
+            destroy_distributed_environment()
 
 
 def hf_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
