@@ -231,10 +231,14 @@ def load_policy(path: str | os.PathLike, dtype: torch.dtype | None = None, devic
 
 def _check_transformers_type(path, trust_remote_code: bool) -> bool:
     """Whether loading runs the checkpoint's own code; one clear error when transformers cannot build the model."""
-    import transformers
+    model_type = read_model_type(path)
+    try:
+        import transformers
+    except ImportError:
+        raise PolicyError(f"{path}: model_type {model_type!r} trains through transformers, which is not installed: "
+                          "pip install transformers") from None
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    model_type = read_model_type(path)
     config = json.loads((Path(path) / "config.json").read_text())
     ships_code = "AutoModelForCausalLM" in (config.get("auto_map") or {})
     if model_type not in CONFIG_MAPPING and not ships_code:

@@ -23,6 +23,7 @@ from thinkzero.rl.hf_policy import (
     write_random_hf_model,
 )
 from thinkzero.rl.hf_policy import generate as hf_generate
+from thinkzero.rl.rollout import _unhooked_twin
 
 transformers = pytest.importorskip("transformers")
 
@@ -175,15 +176,39 @@ def _config_only(path, **config):
     return path
 
 
+def _remote_code_model(path):
+    """A model directory whose model_type only its own shipped code implements (a renamed Qwen2)."""
+    (path).mkdir()
+    (path / "configuration_custom.py").write_text(
+        "from transformers import Qwen2Config\n\n\nclass CustomConfig(Qwen2Config):\n    model_type = 'custom_lm'\n")
+    (path / "modeling_custom.py").write_text(
+        "from transformers import Qwen2ForCausalLM\n\nfrom .configuration_custom import CustomConfig\n\n\n"
+        "class CustomLM(Qwen2ForCausalLM):\n    config_class = CustomConfig\n")
+    write_random_hf_model("tiny_qwen2", path / "weights")
+    config = json.loads((path / "weights" / "config.json").read_text())
+    config.update(model_type="custom_lm", architectures=["CustomLM"],
+                  auto_map={"AutoConfig": "configuration_custom.CustomConfig",
+                            "AutoModelForCausalLM": "modeling_custom.CustomLM"})
+    (path / "config.json").write_text(json.dumps(config))
+    (path / "weights" / "model.safetensors").rename(path / "model.safetensors")
+    return path
+
+
 def test_unknown_model_types_and_remote_code_get_one_clear_message(tmp_path):
     unknown = _config_only(tmp_path / "unknown", model_type="no_such_model")
     with pytest.raises(PolicyError, match="'no_such_model' is not known to transformers .* ships no code"):
         load_policy(unknown)
-    remote = _config_only(tmp_path / "remote", model_type="custom_lm",
-                          auto_map={"AutoModelForCausalLM": "modeling_custom.CustomLM"})
+    remote = _remote_code_model(tmp_path / "remote")
     with pytest.raises(PolicyError, match="shipped with the checkpoint; running it needs "
                                           r"model.trust_remote_code: true \(only for code you trust\)"):
         load_policy(remote)
+    # Opting in runs the shipped code, and says so; ZeRO-3's sampling twin finds the same class.
+    with pytest.warns(UserWarning, match="running the model code shipped with the checkpoint"):
+        model = load_policy(remote, trust_remote_code=True)
+    assert type(model.hf).__name__ == "CustomLM"
+    ids = torch.randint(4, 128, (1, 6))
+    with torch.no_grad():
+        assert torch.equal(_unhooked_twin(model)(ids).logits, model(ids).logits)
     with pytest.raises(PolicyError, match="no config.json"):
         load_policy(tmp_path)
 
