@@ -63,26 +63,23 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def rng_state(generator: torch.Generator | None) -> dict[str, Any]:
+def rng_state() -> dict[str, Any]:
+    """This process's global RNG states (Python, torch CPU, CUDA); sampling draws from per-prompt generators."""
     state: dict[str, Any] = {
         "python": random.getstate(),
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
-    if generator is not None:
-        state["generator"] = generator.get_state()
     return state
 
 
-def set_rng_state(state: dict[str, Any], generator: torch.Generator | None) -> None:
+def set_rng_state(state: dict[str, Any]) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    if generator is not None and "generator" in state:
-        generator.set_state(state["generator"])
 
 
 def _fsync_dir(path: Path) -> None:

@@ -189,17 +189,17 @@ def test_every_deepspeed_file_loads_through_the_safe_loader_and_a_planted_one_is
     from test_rl_resume import plant
 
     from thinkzero.rl.checkpoint import UnsafeCheckpointFile
-    from thinkzero.rl.trainer import _safe_deepspeed_load
+    from thinkzero.rl.state import safe_deepspeed_load
 
     files = sorted((runs[backend] / "checkpoint-000002" / "deepspeed").rglob("*.pt"))
     assert len(files) >= 3, files  # model states and one optimizer state per rank
     marker = tmp_path / "PWNED"
     for file in files:
-        _safe_deepspeed_load(str(file))  # the allow-list covers what DeepSpeed writes
+        safe_deepspeed_load(str(file))  # the allow-list covers what DeepSpeed writes
         bad = tmp_path / file.name
         plant(bad, marker)
         with pytest.raises(UnsafeCheckpointFile, match=f"refused to load {bad}: .*posix.system is not allowed"):
-            _safe_deepspeed_load(str(bad))
+            safe_deepspeed_load(str(bad))
         assert not marker.exists()
 
 

@@ -139,7 +139,7 @@ def test_old_logprobs_replay_the_rollout_routing_so_the_first_ratio_is_one(tmp_p
     # id by one so the replayed routes surely differ from the router's choice, then recompute the old log-probs.
     E = trainer.policy.config.n_routed_experts
     rb.routing = [(r + 1) % E for r in rb.routing]
-    trainer._precompute_logprobs(step, {})
+    trainer._precompute_logprobs(step)
     for s in range(0, rb.completion_ids.shape[0], micro):
         rows = slice(s, s + micro)
         logprobs, _, _ = trainer._completion_logprobs(trainer.model, rb, rows, routing=True, return_routing=True,
@@ -294,7 +294,7 @@ def test_process_group_has_a_finite_timeout_and_the_right_backend():
     # collective the ranks do not all reach fails instead of hanging (issue 19).
     import datetime
 
-    from thinkzero.rl.trainer import process_group_kwargs
+    from thinkzero.rl.distributed import process_group_kwargs
 
     assert process_group_kwargs(1, cuda=False, timeout_s=60) == []
     (cpu,) = process_group_kwargs(2, cuda=False, timeout_s=60)
