@@ -60,6 +60,7 @@ class HFCausalLM(nn.Module):
         # transformers 5 renamed forward's past_key_values to cache.
         params = inspect.signature(self.decoder.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self._has_moe = bool(self.moe_layers)  # then each forward asks for the router logits
 
     @property
     def decoder(self) -> nn.Module:
@@ -126,12 +127,11 @@ class HFCausalLM(nn.Module):
             _check_shared_prefix(input_ids, attention_mask, None, shared_prefix, group_size)
             # A checkpointed layer runs twice and would append its keys to the cache a second time.
             share = not (self.gradient_checkpointing and self.training and torch.is_grad_enabled())
-        moe = bool(self.moe_layers)
         if share:
-            h, router_logits = self._shared(input_ids, attention_mask, positions, shared_prefix, group_size, moe)
+            h, router_logits = self._shared(input_ids, attention_mask, positions, shared_prefix, group_size)
         else:
-            out = self._decode(input_ids, attention_mask, positions, None, moe)
-            h, router_logits = out.last_hidden_state, out.router_logits if moe else ()
+            out = self._decode(input_ids, attention_mask, positions, None)
+            h, router_logits = out.last_hidden_state, out.router_logits if self._has_moe else ()
         topk = [r.topk(self.config.num_experts_per_tok, dim=-1).indices.view(B, T, -1) for r in router_logits]
         result = CausalLMOutput(
             routing=topk if return_routing else None,
@@ -142,31 +142,30 @@ class HFCausalLM(nn.Module):
                                                                     compute_entropy)
         return result
 
-    def _decode(self, input_ids, attention_mask, positions, cache, moe: bool):
+    def _decode(self, input_ids, attention_mask, positions, cache):
         """One call of the transformers decoder (embeddings -> layers -> final norm), on `cache` if given."""
         kwargs = {self._cache_kwarg: cache, "use_cache": cache is not None}
-        if moe:
+        if self._has_moe:
             kwargs["output_router_logits"] = True
         return self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, **kwargs)
 
-    def _shared(self, input_ids, attention_mask, positions, Tp: int, G: int, moe: bool):
+    def _shared(self, input_ids, attention_mask, positions, Tp: int, G: int):
         """The first Tp columns once per group of G rows into a cache, expanded G ways, then each row's own columns.
         Returns the final hidden states of the full rows (B, T, D) and per MoE layer router logits (B*T, E)."""
         from transformers import DynamicCache
 
         cache = DynamicCache(config=self.config)
-        prefix = self._decode(input_ids[::G, :Tp], attention_mask[::G, :Tp], positions[::G, :Tp], cache, moe)
+        prefix = self._decode(input_ids[::G, :Tp], attention_mask[::G, :Tp], positions[::G, :Tp], cache)
         cache.batch_repeat_interleave(G)  # (P, H, Tp, D) -> (P*G, H, Tp, D) per layer; autograd sees the copy
-        own = self._decode(input_ids[:, Tp:], attention_mask, positions[:, Tp:], cache, moe)
+        own = self._decode(input_ids[:, Tp:], attention_mask, positions[:, Tp:], cache)
         h = torch.cat((prefix.last_hidden_state.repeat_interleave(G, dim=0), own.last_hidden_state), dim=1)
         router_logits = []
-        if moe:
+        if self._has_moe:
             (B, T), E = input_ids.shape, self.num_experts
             for lp, lo in zip(prefix.router_logits, own.router_logits):
                 lp = lp.view(B // G, Tp, E).repeat_interleave(G, dim=0)  # (B, Tp, E)
                 router_logits.append(torch.cat((lp, lo.view(B, T - Tp, E)), dim=1).view(B * T, E))
         return h, router_logits
-
 
 
 def _causal_lm_class(config) -> type:
@@ -222,9 +221,9 @@ def load_policy(path: str | os.PathLike, dtype: torch.dtype | None = None, devic
         from thinkzero.model.checkpoint import load_model
 
         return load_model(path, dtype=dtype, device=device)
+    remote = _check_transformers_type(path, trust_remote_code)
     from transformers import AutoModelForCausalLM
 
-    remote = _check_transformers_type(path, trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=remote)
     return HFCausalLM(model.config, model).to(device or "cpu").eval()
 
@@ -254,7 +253,6 @@ def _check_transformers_type(path, trust_remote_code: bool) -> bool:
     return ships_code and trust_remote_code
 
 
-
 def save_policy(module: nn.Module, path: str | os.PathLike) -> None:
     """A Hugging Face model directory of either policy (DDP / DeepSpeed wrappers unwrapped): save_pretrained for a
     transformers one, so it opens in transformers and vLLM; model.save_model for ours."""
@@ -266,7 +264,6 @@ def save_policy(module: nn.Module, path: str | os.PathLike) -> None:
     from thinkzero.model.checkpoint import save_model
 
     save_model(module, path)
-
 
 
 def num_routed_experts(policy: nn.Module) -> int:
@@ -401,7 +398,6 @@ def write_random_hf_model(name: str, out_dir: str | os.PathLike, seed: int = 0) 
         os.replace(file, out_dir / file.name)
     tmp.rmdir()
     return model
-
 
 
 def preset_kind(name: str) -> str:
