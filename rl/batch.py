@@ -3,20 +3,21 @@
 `RolloutBatch` is what a rollout engine returns (rl.engine): N = P * G rows, prompt-major, prompts left-padded and
 completions right-padded. Its methods are the only ways batches are cut, padded, joined and moved, so every copy of a
 batch keeps every field (routing included). `ScoredRollout` is a batch with its decoded texts, reward scores and the
-examples its prompts came from; dynamic sampling cuts and joins these by whole groups.
+examples its prompts came from; dynamic sampling cuts and joins these by whole groups. `StepBatch` is what the
+update trains on: the step's rows with their advantages (and old / reference log-probs once computed).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
-from typing import Sequence
 
 import torch
 
 from thinkzero.rewards import ScoreResult
 
 
-def _pad_width(t: torch.Tensor, width: int, value: int | float, left: bool) -> torch.Tensor:
+def _pad_width(t: torch.Tensor, width: int, value: float, left: bool) -> torch.Tensor:
     """`t` padded along dim 1 to `width` with `value` (on the left or the right); `t` itself when wide enough."""
     extra = width - t.shape[1]
     if extra <= 0:
@@ -154,3 +155,17 @@ class ScoredRollout:
 
     def examples_per_row(self, G: int) -> list[dict]:
         return [ex for ex in self.examples for _ in range(G)]
+
+
+@dataclass
+class StepBatch:
+    """What the update needs: the rollout rows this rank trains on, with their advantages and side information."""
+
+    rollout: RolloutBatch
+    advantages: torch.Tensor  # (N,)
+    rewards: torch.Tensor  # (N,) weighted total
+    per_function: dict[str, list]
+    texts: list[str]
+    examples: list[dict]  # one per row
+    old_logprobs: torch.Tensor | None = None  # (N, Tc)
+    ref_logprobs: torch.Tensor | None = None  # (N, Tc)

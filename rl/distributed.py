@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 import thinkzero.model as tzmodel
+from thinkzero.rl import checkpoint as ckpt
 
 T = TypeVar("T")
 
@@ -64,6 +65,34 @@ def _resolve_deepspeed_config_file() -> None:
     os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(in_repo)
 
 
+def prepare_models(accelerator, policy: nn.Module, optimizer, ref_model: nn.Module | None, *, micro: int,
+                   mini_local: int, max_grad_norm: float | None, ref_on_cpu: bool):
+    """The policy and optimizer handed to accelerate (DDP or a DeepSpeed engine), and under ZeRO-3 the reference
+    partitioned like the policy. Returns (model, optimizer, reference, DeepSpeed's accumulation count or None)."""
+    plugin = accelerator.state.deepspeed_plugin
+    accumulation = None
+    if plugin is not None:
+        accumulation = configure_deepspeed(accelerator, micro, mini_local, max_grad_norm)
+    zero3 = plugin is not None and plugin.zero_stage == 3
+    if zero3:
+        # ZeRO-3 gathers parameters module by module with a collective per call. A token-routed expert is called
+        # only when some token picks it, which differs between ranks; gathering each MoE block whole (a "leaf")
+        # keeps the collectives in step, and DeepSpeed gives unpicked experts zero gradients.
+        from deepspeed.utils import set_z3_leaf_modules
+
+        set_z3_leaf_modules(policy, [tzmodel.MoE])
+    # Elsewhere nothing is needed for experts no token picked: each layer's experts are stacked in one tensor per
+    # projection, so every rank always has a gradient (zero where unpicked) for the same parameters.
+    model, optimizer = accelerator.prepare(policy, optimizer)
+    if plugin is not None:
+        # DeepSpeed's TorchCheckpointEngine unpickles with weights_only=False; every file it reads goes through our
+        # safe loader instead (saving is unchanged).
+        model.checkpoint_engine.load = safe_deepspeed_load
+    if zero3 and ref_model is not None and not ref_on_cpu:
+        ref_model = partition_reference(accelerator, ref_model)
+    return model, optimizer, ref_model, accumulation
+
+
 def configure_deepspeed(accelerator, micro: int, mini_local: int, max_grad_norm: float | None) -> int:
     """Fills DeepSpeed's batch settings from ours: we call backward once per micro-batch and step once per
     mini-batch, so DeepSpeed's accumulation count is the number of micro-batches in a mini-batch (returned)."""
@@ -95,6 +124,17 @@ def partition_reference(accelerator, ref_model: nn.Module) -> nn.Module:
     engine = deepspeed.initialize(model=ref_model, config=config)[0]
     engine.eval()  # the engine's eval() returns None, unlike nn.Module's
     return engine
+
+
+def safe_deepspeed_load(path: str, map_location=None):
+    """DeepSpeed's checkpoint files through rl.checkpoint.load_file, allowing the few DeepSpeed types its ZeRO-1/2/3
+    optimizer states hold (a loss scaler, the stage enum, fragment addresses: plain records, no code on load)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    safe = (LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address)
+    return ckpt.load_file(path, safe, "cpu" if map_location is None else map_location)
 
 
 class Collectives:

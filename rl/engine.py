@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -17,6 +18,12 @@ from thinkzero.model.generate import SamplingParams
 from thinkzero.rl.batch import RolloutBatch
 from thinkzero.rl.config import Config
 from thinkzero.rl.rollout import rollout
+
+
+def sampling_seed(seed: int, step: int, draw: int, prompt_index: int) -> int:
+    """A well-mixed 63-bit seed for one prompt's sampling stream."""
+    words = np.random.SeedSequence([seed % 2**64, step, draw, prompt_index]).generate_state(2, np.uint32)
+    return (int(words[0]) << 31) ^ int(words[1])
 
 
 class RolloutEngine(Protocol):

@@ -118,17 +118,6 @@ def load_training_state(path: Path, state: dict, cfg: Config, model: nn.Module, 
     ckpt.set_rng_state(ckpt.load_file(path / f"rng_rank{rank}.pt"))
 
 
-def safe_deepspeed_load(path: str, map_location=None):
-    """DeepSpeed's checkpoint files through rl.checkpoint.load_file, allowing the few DeepSpeed types its ZeRO-1/2/3
-    optimizer states hold (a loss scaler, the stage enum, fragment addresses: plain records, no code on load)."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    safe = (LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address)
-    return ckpt.load_file(path, safe, "cpu" if map_location is None else map_location)
-
-
 # ---- save ---------------------------------------------------------------------------------------------------------
 
 def save_checkpoint(dist: Collectives, model: nn.Module, tokenizer, cfg: Config, step: int, state: dict | None, *,

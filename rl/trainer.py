@@ -31,10 +31,8 @@ import contextlib
 import math
 import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -43,12 +41,13 @@ from thinkzero.model.generate import SamplingParams
 from thinkzero.rl import build
 from thinkzero.rl import checkpoint as ckpt
 from thinkzero.rl.advantages import group_advantages, group_reward_stats, nonconstant_groups
-from thinkzero.rl.batch import RolloutBatch, ScoredRollout, decode_completions
+from thinkzero.rl.batch import RolloutBatch, ScoredRollout, StepBatch, decode_completions
 from thinkzero.rl.config import Config, check_world_size, config_to_dict, config_to_yaml
-from thinkzero.rl.distributed import Collectives, configure_deepspeed, make_accelerator, partition_reference
-from thinkzero.rl.engine import build_engine
+from thinkzero.rl.distributed import Collectives, make_accelerator, prepare_models
+from thinkzero.rl.engine import build_engine, sampling_seed
 from thinkzero.rl.faults import kill_point, nan_point
-from thinkzero.rl.loss import masked_mean, policy_loss, rollout_correction
+from thinkzero.rl.loss import policy_loss, rollout_correction
+from thinkzero.rl.metrics import UpdateMetrics, rollout_metrics
 from thinkzero.rl.optim import adamw, lr_lambda, seed_everything
 from thinkzero.rl.rollout import policy_for_sampling
 from thinkzero.rl.signals import StopRequest
@@ -56,7 +55,6 @@ from thinkzero.rl.state import (
     CheckpointWriteFailed,
     decide_resume,
     load_training_state,
-    safe_deepspeed_load,
     save_checkpoint,
 )
 from thinkzero.rl.tracking import Tracker
@@ -74,69 +72,6 @@ class TrainingStopped(RuntimeError):
 
 class SignalStop(RuntimeError):
     """Training stopped on SIGTERM / SIGINT after saving a checkpoint of the last finished step."""
-
-
-def sampling_seed(seed: int, step: int, draw: int, prompt_index: int) -> int:
-    """A well-mixed 63-bit seed for one prompt's sampling stream."""
-    words = np.random.SeedSequence([seed % 2**64, step, draw, prompt_index]).generate_state(2, np.uint32)
-    return (int(words[0]) << 31) ^ int(words[1])
-
-
-def expert_load_cv(counts: torch.Tensor) -> float:
-    """Coefficient of variation of tokens per expert (0 = perfectly balanced)."""
-    counts = counts.double()
-    mean = counts.mean()
-    return float(counts.std(unbiased=False) / mean) if mean > 0 else 0.0
-
-
-def routing_mismatches(chosen: torch.Tensor, sampled: torch.Tensor, Tp: int, mask: torch.Tensor) -> torch.Tensor:
-    """Completion tokens whose set of top-k experts differs between two routings (B, Tp + Tc, k) (); mask (B, Tc)."""
-    differs = (chosen[:, Tp:].sort(dim=-1).values != sampled[:, Tp:].sort(dim=-1).values).any(dim=-1)  # (B, Tc)
-    return (differs & mask.bool()).sum()
-
-
-@dataclass
-class StepBatch:
-    """What the update needs: the rollout rows this rank trains on, with their advantages and side information."""
-
-    rollout: RolloutBatch
-    advantages: torch.Tensor  # (N,)
-    rewards: torch.Tensor  # (N,) weighted total
-    per_function: dict[str, list]
-    texts: list[str]
-    examples: list[dict]  # one per row
-    old_logprobs: torch.Tensor | None = None  # (N, Tc)
-    ref_logprobs: torch.Tensor | None = None  # (N, Tc)
-
-
-@dataclass
-class UpdateSums:
-    """What one update accumulates over its micro-batches, before the cross-rank reductions."""
-
-    moe_layers: int
-    num_experts: int
-    sums: dict[str, float] = field(default_factory=dict)  # token-weighted loss metrics
-    extremes: dict[str, float] = field(default_factory=dict)  # running *_min / *_max metrics
-    tokens: float = 0.0
-    loss: float = 0.0
-    grad_norms: list = field(default_factory=list)
-    expert_counts: list[torch.Tensor] = field(default_factory=list)
-    routing_mismatches: list[float] = field(default_factory=list)  # per MoE layer, the update's first forwards
-    routing_tokens: float = 0.0
-
-    def __post_init__(self):
-        self.expert_counts = [torch.zeros(self.num_experts, dtype=torch.float64) for _ in range(self.moe_layers)]
-        self.routing_mismatches = [0.0] * self.moe_layers
-
-    def add(self, metrics: dict, n_tok: float) -> None:
-        for k, v in metrics.items():
-            if k.endswith(("_min", "_max")):
-                if not n_tok:  # nothing seen in this micro-batch (its min / max read as a neutral 1)
-                    continue
-                pick = min if k.endswith("_min") else max
-                self.extremes[k] = pick(self.extremes.get(k, float(v)), float(v))
-            else:
-                self.sums[k] = self.sums.get(k, 0.0) + float(v) * n_tok
 
 
 class Trainer:
@@ -181,35 +116,21 @@ class Trainer:
 
     def _prepare(self, policy: nn.Module) -> None:
         """Optimizer, schedule and batch sizes; the policy (and under ZeRO-3 the reference) handed to accelerate."""
-        cfg, acc, o = self.cfg, self.accelerator, self.cfg.optim
-        self.optimizer = adamw(policy.parameters(), o.lr, o.betas, o.eps, o.weight_decay)
+        cfg, o = self.cfg, self.cfg.optim
+        optimizer = adamw(policy.parameters(), o.lr, o.betas, o.eps, o.weight_decay)
         # The schedule is stepped once per training step (not per optimizer step) and is not handed to accelerate,
         # so warmup_steps means the same thing whatever the mini-batching or the backend.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(o.warmup_steps, cfg.train.max_steps, o.schedule, o.min_lr_ratio))
+            optimizer, lr_lambda(o.warmup_steps, cfg.train.max_steps, o.schedule, o.min_lr_ratio))
         self.batch_local = cfg.rollout.batch_size // self.world_size  # completions per step on this rank
         self.mini_local = (cfg.algorithm.mini_batch_size or cfg.rollout.batch_size) // self.world_size
         self.micro = cfg.algorithm.micro_batch_size or self.mini_local
-        self.is_deepspeed = acc.state.deepspeed_plugin is not None
-        self.zero3 = self.is_deepspeed and acc.state.deepspeed_plugin.zero_stage == 3
-        if self.is_deepspeed:
-            self.ds_accumulation = configure_deepspeed(acc, self.micro, self.mini_local, o.max_grad_norm)
-        if self.zero3:
-            # ZeRO-3 gathers parameters module by module with a collective per call. A token-routed expert is called
-            # only when some token picks it, which differs between ranks; gathering each MoE block whole (a "leaf")
-            # keeps the collectives in step, and DeepSpeed gives unpicked experts zero gradients.
-            from deepspeed.utils import set_z3_leaf_modules
-
-            set_z3_leaf_modules(policy, [tzmodel.MoE])
-        # Elsewhere nothing is needed for experts no token picked: each layer's experts are stacked in one tensor
-        # per projection, so every rank always has a gradient (zero where unpicked) for the same parameters.
-        self.model, self.optimizer = acc.prepare(policy, self.optimizer)
-        if self.is_deepspeed:
-            # DeepSpeed's TorchCheckpointEngine unpickles with weights_only=False; every file it reads goes through
-            # our safe loader instead (saving is unchanged).
-            self.model.checkpoint_engine.load = safe_deepspeed_load
-        if self.zero3 and self.ref_model is not None and not cfg.model.ref_model_on_cpu:
-            self.ref_model = partition_reference(acc, self.ref_model)
+        plugin = self.accelerator.state.deepspeed_plugin
+        self.is_deepspeed = plugin is not None
+        self.zero3 = self.is_deepspeed and plugin.zero_stage == 3
+        self.model, self.optimizer, self.ref_model, self.ds_accumulation = prepare_models(
+            self.accelerator, policy, optimizer, self.ref_model, micro=self.micro, mini_local=self.mini_local,
+            max_grad_norm=o.max_grad_norm, ref_on_cpu=cfg.model.ref_model_on_cpu)
 
     def _start_run(self, dropped: int) -> None:
         """Counters (or those of the checkpoint resumed from), the run's files and the tracker."""
@@ -344,7 +265,7 @@ class Trainer:
             truncated = torch.tensor([f == "length" for f in batch.finish_reasons])
             batch.completion_mask = batch.completion_mask * (~truncated).to(batch.completion_mask.dtype)[:, None].to(
                 batch.completion_mask.device)
-        metrics = {**group_reward_stats(all_rewards, G), **self._rollout_metrics(scored.scores.per_function, batch),
+        metrics = {**group_reward_stats(all_rewards, G), **rollout_metrics(self.dist, scored.scores.per_function, batch),
                    **metrics}
         for name, count in self.reward_failures.items():
             metrics[f"rewards/{name}/failures"] = float(count)
@@ -407,22 +328,6 @@ class Trainer:
         timing["timing/reward_s"] += time.perf_counter() - t1
         return ScoredRollout(batch, texts, scores, examples)
 
-    def _rollout_metrics(self, per_function: dict[str, list], batch: RolloutBatch) -> dict[str, float]:
-        """Per-reward mean and std over the judged samples, and completion lengths, over all ranks."""
-        metrics = {}
-        for name, values in per_function.items():
-            judged = torch.tensor([v for v in values if v is not None], dtype=torch.float32)
-            s, s2, n = self.dist.sum(judged.sum()), self.dist.sum((judged ** 2).sum()), self.dist.sum(len(judged))
-            mean = s / n if n else float("nan")
-            metrics[f"rewards/{name}/mean"] = mean
-            metrics[f"rewards/{name}/std"] = math.sqrt(max(0.0, s2 / n - mean ** 2)) if n else float("nan")
-        lengths = batch.lengths.float()
-        metrics["completions/mean_length"] = self.dist.sum(lengths.sum()) / self.dist.sum(len(lengths))
-        metrics["completions/max_length"] = self.dist.max(float(lengths.max()))
-        metrics["completions/clipped_ratio"] = self.dist.sum(sum(f == "length" for f in batch.finish_reasons)) / \
-            self.dist.sum(len(lengths))
-        return metrics
-
     # ---- log-probs ----------------------------------------------------------------------------------------------
 
     def _completion_logprobs(self, module: nn.Module, rb: RolloutBatch, rows: slice, *, first_row: int | None = None,
@@ -478,7 +383,7 @@ class Trainer:
     def update(self, step: StepBatch) -> dict[str, float]:
         """num_iterations passes over the step's batch, one optimizer step per mini-batch."""
         a, N = self.cfg.algorithm, step.rollout.completion_ids.shape[0]
-        acc = UpdateSums(self.moe_layers, self.policy.config.n_routed_experts or 1)
+        acc = UpdateMetrics(self.moe_layers, self.policy.config.n_routed_experts or 1)
         skipped_before = self.skipped_updates
         for iteration in range(a.num_iterations):
             for m0 in range(0, N, self.mini_local):
@@ -491,7 +396,7 @@ class Trainer:
         return self._update_metrics(acc, step.rollout, skipped_before)
 
     def _micro_step(self, step: StepBatch, rows: slice, num_items: float, num_micro: int, *, last: bool,
-                    first_pass: bool, acc: UpdateSums) -> None:
+                    first_pass: bool, acc: UpdateMetrics) -> None:
         """Forward and backward of one micro-batch; its metrics go into `acc`."""
         cfg, a, rb = self.cfg, self.cfg.algorithm, step.rollout
         mini_global = self.mini_local * self.world_size
@@ -519,47 +424,17 @@ class Trainer:
                 loss = loss + out.aux_loss * (mask.shape[0] / mini_global)
             # Normalisers above are global; DDP/DeepSpeed average gradients over ranks, so undo that.
             self._backward(nan_point(loss, self.step + 1) * self.world_size, last)
-        n_tok = float(mask.sum())
-        acc.tokens += n_tok
-        acc.add({**m, **correction}, n_tok)
-        acc.sums["entropy"] = acc.sums.get("entropy", 0.0) + float(masked_mean(entropy.detach(), mask)) * n_tok
-        # Load of real tokens only: padding is routed too, and how much there is depends on the batch composition
-        # (so on the number of processes).
-        real = rb.attention_mask[rows].bool().cpu()  # (B, Tp + Tc)
-        for counts, chosen in zip(acc.expert_counts, out.routing or []):
-            counts += torch.bincount(chosen.cpu()[real].flatten(), minlength=counts.numel()).double()
-        if first_pass and rb.routing is not None and out.routing:
-            # Experts the update's forward picked vs the rollout's, on the completion tokens (0 under replay).
-            completion = rb.completion_mask[rows]
-            for layer, (chosen, sampled) in enumerate(zip(out.routing, rb.routing)):
-                acc.routing_mismatches[layer] += float(
-                    routing_mismatches(chosen, sampled[rows], rb.prompt_ids.shape[1], completion))
-            acc.routing_tokens += float(completion.sum())
+        acc.add({**m, **correction}, entropy, mask)
+        acc.add_routing(out.routing, rb, rows, first_pass)
 
-    def _update_metrics(self, acc: UpdateSums, rb: RolloutBatch, skipped_before: int) -> dict[str, float]:
-        a = self.cfg.algorithm
-        tokens = max(self.dist.sum(acc.tokens), 1.0)
-        metrics = {k: self.dist.sum(v) / tokens for k, v in acc.sums.items()}
-        for k, v in acc.extremes.items():
-            metrics[k] = -self.dist.max(-v) if k.endswith("_min") else self.dist.max(v)
-        # Each micro-batch's loss is its share of the global mini-batch loss: add them up, average over updates.
-        metrics["policy_loss"] = self.dist.sum(acc.loss) / len(acc.grad_norms)
-        finite = [g for g in acc.grad_norms if g is not None and math.isfinite(g)]
-        metrics["grad_norm"] = float(np.mean(finite)) if finite else float("nan")
+    def _update_metrics(self, acc: UpdateMetrics, rb: RolloutBatch, skipped_before: int) -> dict[str, float]:
+        metrics, global_counts = acc.reduce(self.dist, routed=rb.routing is not None)
         metrics["skipped_updates"] = float(self.skipped_updates)
-        if not self.moe_layers:
-            return metrics
-        global_counts = [self.dist.gather_sum(c) for c in acc.expert_counts]
-        for i, counts in enumerate(global_counts):
-            metrics[f"moe/expert_load_cv/layer{i}"] = expert_load_cv(counts)
-        if rb.routing is not None:
-            routed = max(self.dist.sum(acc.routing_tokens), 1.0)
-            metrics["moe/routing_mismatch_frac"] = float(np.mean(
-                [self.dist.sum(n) / routed for n in acc.routing_mismatches]))
-        gamma = a.moe.router_bias_update_gamma
-        if gamma > 0 and self.skipped_updates == skipped_before:  # a skipped update moves nothing, bias included
+        gamma = self.cfg.algorithm.moe.router_bias_update_gamma
+        # A skipped update moves nothing, the routers' biases included.
+        if self.moe_layers and gamma > 0 and self.skipped_updates == skipped_before:
             self.policy.update_router_bias([c.float() for c in global_counts], gamma)
-            self.engine.sync_weights(self.model)  # the routers' biases changed after the last optimizer step
+            self.engine.sync_weights(self.model)  # the biases changed after the last optimizer step
         return metrics
 
     def _no_sync(self, last: bool):

@@ -189,7 +189,7 @@ def test_every_deepspeed_file_loads_through_the_safe_loader_and_a_planted_one_is
     from test_rl_resume import plant
 
     from thinkzero.rl.checkpoint import UnsafeCheckpointFile
-    from thinkzero.rl.state import safe_deepspeed_load
+    from thinkzero.rl.distributed import safe_deepspeed_load
 
     files = sorted((runs[backend] / "checkpoint-000002" / "deepspeed").rglob("*.pt"))
     assert len(files) >= 3, files  # model states and one optimizer state per rank
