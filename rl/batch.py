@@ -132,7 +132,10 @@ class ScoredRollout:
         """The given groups (prompt indices, ascending), each with all of its G rows."""
         prompts = groups.tolist()
         rows = [p * G + g for p in prompts for g in range(G)]
-        return ScoredRollout(batch=self.batch.select(torch.tensor(rows, dtype=torch.long)),
+        batch = self.batch.select(torch.tensor(rows, dtype=torch.long))
+        # group_index counts the prompts of this selection, as `examples` does
+        batch.group_index = torch.arange(len(prompts), device=batch.group_index.device).repeat_interleave(G)
+        return ScoredRollout(batch=batch,
                              texts=[self.texts[i] for i in rows], scores=_select_scores(self.scores, rows),
                              examples=[self.examples[p] for p in prompts])
 

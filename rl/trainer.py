@@ -424,7 +424,7 @@ class Trainer:
                 loss = loss + out.aux_loss * (mask.shape[0] / mini_global)
             # Normalisers above are global; DDP/DeepSpeed average gradients over ranks, so undo that.
             self._backward(nan_point(loss, self.step + 1) * self.world_size, last)
-        acc.add({**m, **correction}, entropy, mask)
+        acc.add({**m, **correction}, entropy, rb.completion_mask[rows])  # weighted by completion tokens
         acc.add_routing(out.routing, rb, rows, first_pass)
 
     def _update_metrics(self, acc: UpdateMetrics, rb: RolloutBatch, skipped_before: int) -> dict[str, float]:
