@@ -58,12 +58,14 @@ class HFCausalLM(nn.Module):
             raise PolicyError(f"{self.config.model_type}: final_logit_softcapping is applied outside lm_head, "
                               "which the chunked log-probs do not reproduce; this model type is not supported")
         # transformers 5 renamed forward's past_key_values to cache.
-        params = inspect.signature(self.decoder.forward).parameters
+        params = inspect.signature(self.model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self._has_moe = bool(self.moe_layers)  # then each forward asks for the router logits
 
     @property
-    def decoder(self) -> nn.Module:
+    def model(self) -> nn.Module:
+        """The decoder (embeddings, layers, final norm): the `model.` prefix of the checkpoint names, as
+        DeepseekForCausalLM.model is for ours."""
         return self.hf.get_decoder()
 
     @property
@@ -147,7 +149,7 @@ class HFCausalLM(nn.Module):
         kwargs = {self._cache_kwarg: cache, "use_cache": cache is not None}
         if self._has_moe:
             kwargs["output_router_logits"] = True
-        return self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, **kwargs)
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, **kwargs)
 
     def _shared(self, input_ids, attention_mask, positions, Tp: int, G: int):
         """The first Tp columns once per group of G rows into a cache, expanded G ways, then each row's own columns.
@@ -363,13 +365,14 @@ def load_policy_tokenizer(path: str | os.PathLike, kind: str, trust_remote_code:
 # ---- random-init models for tests and CPU recipes -----------------------------------------------------------------
 
 # transformers config fields; ids 0..3 are the character tokenizer's <pad> <bos> <eos> <unk> (model/presets.py).
-_TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-6, rope_theta=10000.0,
-             tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+# Heads of 32 dims: the smallest vLLM's CPU attention takes.
+_TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+             num_key_value_heads=1, head_dim=32, max_position_embeddings=1024, rms_norm_eps=1e-6,
+             rope_theta=10000.0, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 HF_PRESETS: dict[str, dict] = {
     "tiny_qwen2": dict(model_type="qwen2", **_TINY),
-    "tiny_qwen3_moe": dict(model_type="qwen3_moe", head_dim=16, moe_intermediate_size=32, num_experts=8,
-                           num_experts_per_tok=2, norm_topk_prob=True, **_TINY),
+    "tiny_qwen3_moe": dict(model_type="qwen3_moe", moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+                           norm_topk_prob=True, **_TINY),
 }
 
 
