@@ -471,17 +471,17 @@ def generate(policy: HFCausalLM, prompts: list[list[int]], num_generations: int,
     """model.generate's job for a transformers policy (bare, in eval mode), returned as a RolloutBatch: one
     transformers `generate` call per prompt under its own seed (so a prompt's completions do not depend on the batch,
     as with our engine; seeds None: 0 for each). `decode(ids) -> str` is needed only for stop strings."""
+    from thinkzero.rl.vllm_engine import _to_batch  # the same rows -> batch step as the vLLM engine's
+
     if params.stop_strings and decode is None:
         raise ValueError("generate: params.stop_strings needs a `decode(ids) -> str` callable (e.g. tokenizer.decode)")
     seeds = [0] * len(prompts) if seeds is None else seeds
-    rows = []
+    completions = []
     for prompt, seed in zip(prompts, seeds):
-        completions, logprobs = _generate_one(policy, prompt, num_generations, params, seed)
-        for g in range(num_generations):
-            n, reason = _stop(completions[g].tolist(), params, decode)
-            rows.append((prompt, completions[g, :n], logprobs[g, :n], reason))
-    device = next(policy.parameters()).device
-    return _rollout_batch(rows, num_generations, params.pad_token_id, device)
+        ids, logprobs = _generate_one(policy, prompt, num_generations, params, seed)
+        completions += [_cut(ids[g].tolist(), logprobs[g].tolist(), params, decode) for g in range(num_generations)]
+    rows = [p for p in prompts for _ in range(num_generations)]
+    return _to_batch(rows, completions, num_generations, params.pad_token_id).to(next(policy.parameters()).device)
 
 
 def _generate_one(policy: HFCausalLM, prompt: list[int], G: int, params, seed: int):
@@ -506,37 +506,18 @@ def _generate_one(policy: HFCausalLM, prompt: list[int], G: int, params, seed: i
     return completions, torch.stack(recorder.logprobs, dim=1)
 
 
-def _stop(tokens: list[int], params, decode) -> tuple[int, str]:
-    """(length, finish reason) of one completion: through its first EOS id or first completed stop string."""
+def _cut(ids: list[int], logprobs: list[float], params, decode) -> tuple[list[int], list[float], str]:
+    """One completion through its first EOS id or first completed stop string (as model.generate ends it), with
+    its finish reason. transformers pads a row after its EOS; past a stop string it kept sampling."""
     from thinkzero.model.generate import StopStringChecker
+    from thinkzero.rl.vllm_engine import _stop_cut
 
-    checker = StopStringChecker(params.stop_strings, decode) if params.stop_strings else None
-    for j, tok in enumerate(tokens):
-        if tok in params.eos_token_ids or (checker and checker([tokens[max(0, j + 1 - checker.window):j + 1]])[0]):
-            return j + 1, "stop"
-    return len(tokens), "length"
-
-
-def _rollout_batch(rows: list[tuple], G: int, pad: int, device):
-    """(prompt, completion, sampling log-probs, reason) rows, prompt-major -> a RolloutBatch: prompts left-padded,
-    completions right-padded."""
-    from thinkzero.rl.batch import RolloutBatch
-
-    N, Tp, Tc = len(rows), max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
-    prompt_ids = torch.full((N, Tp), pad, dtype=torch.long)
-    prompt_mask = torch.zeros((N, Tp), dtype=torch.long)
-    completion_ids = torch.full((N, Tc), pad, dtype=torch.long)
-    completion_mask = torch.zeros((N, Tc), dtype=torch.long)
-    sampling_logprobs = torch.zeros((N, Tc), dtype=torch.float32)
-    for i, (prompt, completion, logprobs, _) in enumerate(rows):
-        prompt_ids[i, Tp - len(prompt):] = torch.tensor(prompt)
-        prompt_mask[i, Tp - len(prompt):] = 1
-        completion_ids[i, :len(completion)] = completion.cpu()
-        completion_mask[i, :len(completion)] = 1
-        sampling_logprobs[i, :len(completion)] = logprobs.cpu()
-    lengths = completion_mask.sum(dim=1)
-    return RolloutBatch(
-        prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
-        completion_mask=completion_mask, sampling_logprobs=sampling_logprobs, lengths=lengths,
-        finish_reasons=[r[3] for r in rows], group_index=torch.arange(N // G).repeat_interleave(G),
-        routing=None).to(device)
+    n, reason = len(ids), "length"
+    eos = [j for j, tok in enumerate(ids) if tok in params.eos_token_ids]
+    if eos:
+        n, reason = eos[0] + 1, "stop"
+    if params.stop_strings:
+        cut = _stop_cut(ids[:n], StopStringChecker(params.stop_strings, decode))
+        if cut is not None:
+            n, reason = cut, "stop"
+    return ids[:n], logprobs[:n], reason
