@@ -116,8 +116,9 @@ class VLLMEngine:
                 requests.append({"prompt_token_ids": list(prompt)})
                 sampling.append(VLLMSamplingParams(
                     n=1, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
-                    max_tokens=params.max_new_tokens, stop_token_ids=list(params.eos_token_ids), logprobs=0,
-                    seed=request_seed(seeds[p], g), detokenize=False))
+                    max_tokens=params.max_new_tokens, logprobs=0, seed=request_seed(seeds[p], g), detokenize=False,
+                    # Our EOS ids only: vLLM would also stop at the one in the model's config.
+                    ignore_eos=True, stop_token_ids=list(params.eos_token_ids)))
         capture = self.capture_routing and params.return_routing
         if capture:
             self.llm.collective_rpc(_routing_reset)

@@ -1,4 +1,6 @@
-"""Rollout throughput: our sampling engine vs transformers' `generate`, same weights (preset w1 by default).
+"""Rollout throughput: our sampling engine vs transformers' `generate` (default) or vLLM (`--engine vllm`, through
+rl.vllm_engine as the trainer samples), same weights (preset w1 by default; w1_mla576 with vLLM, whose CPU MLA
+kernel takes only the 576-wide latent).
 
 Workload 1: 4 prompts x G=8 completions, 128 new tokens forced (no EOS), temperature 1.0, no top-k/top-p.
 Workload 2: 4 prompts x G=16, 512 new tokens, same settings.
@@ -6,9 +8,11 @@ Each (engine, workload) runs in its own subprocess, so peak memory and thread po
 one untimed warm-up call, then `--runs` timed calls; tokens/s is the median. Peak memory is the rise of the
 process's peak RSS over its RSS before the first timed call (CPU), or torch's peak allocated bytes (CUDA).
 
-Prints one line per measurement; the last line is `speedup=X.XX` (ours over transformers, workload 1 tokens/s).
-Needs the `bench` extra (transformers).
-Usage: python scripts/bench_rollout.py [--preset w1 | --model DIR] [--device cpu|cuda] [--threads N] [--runs 5]
+Prints one line per measurement; the last line is `speedup=X.XX` (ours over the other engine, workload 1 tokens/s).
+Needs the `bench` extra (transformers), or vllm for `--engine vllm` (vLLM's CPU build binds its own OpenMP threads:
+all the cores it is given, whatever --threads says).
+Usage: python scripts/bench_rollout.py [--engine transformers|vllm] [--preset w1 | --model DIR] [--device cpu|cuda]
+       [--threads N] [--runs 5]
 """
 
 import argparse
@@ -105,7 +109,28 @@ def transformers_runner(model_dir, prompts, num_generations, device, dtype, seed
     return run
 
 
-RUNNERS = {"ours": ours_runner, "transformers": transformers_runner}
+def vllm_runner(model_dir, prompts, num_generations, device, dtype, seed):
+    from thinkzero.model.checkpoint import load_model
+    from thinkzero.model.generate import SamplingParams
+    from thinkzero.rl.config import Config
+    from thinkzero.rl.vllm_engine import VLLMEngine
+
+    cfg = Config()
+    cfg.data.max_prompt_length = max(PROMPT_LENGTHS)  # vLLM's max_model_len: the longest prompt + completion
+    cfg.rollout.max_new_tokens = max(w["max_new_tokens"] for w in WORKLOADS.values())
+    engine = VLLMEngine.from_config(cfg, load_model(model_dir, dtype=dtype, device=device), None, device)
+    seeds = [seed + p for p in range(len(prompts))]
+
+    def run(max_new_tokens: int) -> int:
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, eos_token_ids=(), pad_token_id=0)
+        n = int(engine.sample(prompts, num_generations, params, seeds).completion_mask.sum())
+        assert n == len(prompts) * num_generations * max_new_tokens, n
+        return n
+
+    return run
+
+
+RUNNERS = {"ours": ours_runner, "transformers": transformers_runner, "vllm": vllm_runner}
 
 
 def child(args) -> None:
@@ -155,7 +180,11 @@ def measure(args, engine: str, workload: int, runs: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="w1", help="model preset to build with random weights (ignored with --model)")
+    ap.add_argument("--engine", choices=("transformers", "vllm"), default="transformers",
+                    help="the engine ours is compared with")
+    ap.add_argument("--preset", default=None,
+                    help="model preset to build with random weights (ignored with --model); default w1, "
+                         "w1_mla576 with --engine vllm")
     ap.add_argument("--model", default=None, help="a model directory (config.json + safetensors) instead of a preset")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default=None, help="float32 (default on CPU) or bfloat16 (default on CUDA)")
@@ -169,7 +198,10 @@ def main() -> None:
         args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
     if args.child:
         return child(args)
+    if args.preset is None:
+        args.preset = "w1_mla576" if args.engine == "vllm" else "w1"
 
+    other = args.engine
     with tempfile.TemporaryDirectory() as tmp:
         if args.model is None:
             args.model = tmp
@@ -180,17 +212,17 @@ def main() -> None:
         speedup = None
         for workload, runs in plan:
             w = WORKLOADS[workload]
-            res = {e: measure(args, e, workload, runs) for e in ("transformers", "ours")}
-            ratio = res["ours"]["tokens_per_s"] / res["transformers"]["tokens_per_s"]
+            res = {e: measure(args, e, workload, runs) for e in (other, "ours")}
+            ratio = res["ours"]["tokens_per_s"] / res[other]["tokens_per_s"]
             desc = f"workload {workload}: {len(PROMPT_LENGTHS)} prompts x G={w['num_generations']}, " \
                    f"{w['max_new_tokens']} new tokens, median of {runs}"
             print(desc)
-            for e in ("transformers", "ours"):
+            for e in (other, "ours"):
                 r = res[e]
                 runs_s = " ".join(f"{x:.0f}" for x in r["all_tokens_per_s"])
                 print(f"  {e:<12} {r['tokens_per_s']:9.1f} tokens/s  (runs: {runs_s})  "
                       f"peak memory +{r['peak_mem_bytes'] / 2**20:.1f} MiB")
-            print(f"  ours / transformers = {ratio:.2f}x")
+            print(f"  ours / {other} = {ratio:.2f}x")
             if workload == 1:
                 speedup = ratio
         print(f"speedup={speedup:.2f}")
