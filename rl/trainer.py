@@ -406,6 +406,8 @@ class Trainer:
                 self.model, rb, rows, routing=a.moe.routing_replay and rb.routing is not None,
                 return_routing=self.moe_layers > 0, compute_entropy=True)
             old = step.old_logprobs[rows] if step.old_logprobs is not None else None
+            # Train-inference mismatch: pi_old (the current policy when the rollout feeds one update) against the
+            # engine's sampling log-probs; mode none gives no weights and the mask unchanged.
             weights, mask, correction = rollout_correction(
                 old if old is not None else logprobs.detach(), rb.sampling_logprobs[rows], rb.completion_mask[rows],
                 rc.mode, rc.level, rc.cap)
