@@ -34,6 +34,7 @@ from torch import nn
 
 from thinkzero.model.checkpoint import hf_views, save_model
 from thinkzero.model.generate import SamplingParams, StopStringChecker
+from thinkzero.rl import checkpoint as ckpt
 from thinkzero.rl.batch import RolloutBatch
 from thinkzero.rl.config import Config
 from thinkzero.rl.rollout import _is_zero3, policy_for_sampling
@@ -81,7 +82,8 @@ class VLLMEngine:
             log.warning("rollout.vllm.enable_sleep_mode is ignored on CPU: vLLM's sleep mode needs CUDA")
         from vllm import LLM  # optional dependency: imported only when the recipe asks for this engine
 
-        with policy_for_sampling(model) as policy, tempfile.TemporaryDirectory(prefix="thinkzero-vllm-") as path:
+        with policy_for_sampling(model) as policy, tempfile.TemporaryDirectory(prefix="thinkzero-vllm-") as path, \
+                _global_rng_kept():
             save_model(policy, path)
             config = policy.config
             dtype = _DTYPES[next(policy.parameters()).dtype]
@@ -215,6 +217,20 @@ def _gathered(block: nn.Module, zero3: bool):
 
     with deepspeed.zero.GatheredParameters(list(block.parameters()), modifier_rank=None):
         yield
+
+
+@contextlib.contextmanager
+def _global_rng_kept():
+    """vLLM seeds the process's global RNGs (Python, NumPy, torch) when it starts; the trainer's are put back, so
+    choosing this engine changes nothing else in a run."""
+    import numpy as np
+
+    state, np_state = ckpt.rng_state(), np.random.get_state()
+    try:
+        yield
+    finally:
+        ckpt.set_rng_state(state)
+        np.random.set_state(np_state)
 
 
 def _executor_backend() -> str | None:

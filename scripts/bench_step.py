@@ -1,4 +1,6 @@
-"""Seconds per GRPO step: our trainer vs TRL's GRPOTrainer, same weights (preset w1 by default), same workload.
+"""Seconds per GRPO step: our trainer vs TRL's GRPOTrainer (default), or our trainer on its two rollout engines
+(`--compare vllm`: rollout.engine thinkzero vs vllm), same weights (preset w1 by default; w1_mla576 with vLLM, whose
+CPU MLA kernel takes only the 576-wide latent), same workload.
 
 Workload: 4 prompts x G=8 completions of exactly 128 tokens (EOS cannot end a completion: we set rollout.ignore_eos,
 TRL gets min_new_tokens=128), temperature 1.0, dapo loss, beta 0.04 (k3 KL against a frozen reference copy),
@@ -7,11 +9,13 @@ grad-norm clipping 1.0, fp32, the same cheap reward function scored in-process. 
 subprocess with the same torch thread count: `--warmup` untimed steps, then `--steps` timed ones; the figure is the
 median. For TRL a step is the time between consecutive `on_step_end` callbacks (its step includes generation).
 
-Prints one line per framework (wall and process-CPU medians), our rollout / reward / reference log-probs / update
-split (the trainer's own timing metrics, wall clock), the ratio, and last `speedup=X.XX` (TRL's seconds per step
-over ours). On a shared CPU machine use `--threads 1 --clock cpu`: with more threads than free cores, OpenMP workers
+Prints one line per framework (wall and process-CPU medians), our rollout / reward / reference log-probs / weight
+sync / update split (the trainer's own timing metrics, wall clock; weight sync is timed around the engine's
+sync_weights and taken out of the update), the ratio, and last `speedup=X.XX` (the other side's seconds per step
+over ours on our engine). On a shared CPU machine use `--threads 1 --clock cpu`: with more threads than free cores, OpenMP workers
 wait for each other on every small op and a decode step can take 10-30x longer. Needs the `bench` extra (trl).
-Usage: python scripts/bench_step.py [--preset w1 | --model DIR] [--threads N] [--clock wall|cpu] [--warmup 2] [--steps 5]
+Usage: python scripts/bench_step.py [--compare trl|vllm] [--preset w1 | --model DIR] [--threads N] [--clock wall|cpu]
+       [--warmup 2] [--steps 5]
 """
 
 import argparse
@@ -31,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 PROMPTS_PER_STEP, NUM_GENERATIONS, COMPLETION_TOKENS = 4, 8, 128
 LR, BETA = 1e-5, 0.04
 SPLIT = ("rollout", "reward", "logprobs", "update")  # the trainer's timing/<name>_s metrics
+PARTS = ("rollout", "reward", "logprobs", "sync", "update", "other")  # what a step's wall time is split into
 # Both sides draw 4 prompts per step; 16 distinct ones of the same length, so every step does the same work.
 PROMPTS = [f"Question {i:02d}: what is {3 * i + 7} plus {5 * i + 11}? Answer:" for i in range(16)]
 
@@ -45,7 +50,7 @@ def digit_fraction(completion: str) -> float:
 # The two frameworks: each returns (seconds per step list, extra info dict).
 
 
-def run_ours(model_dir: str, work: Path, num_steps: int) -> tuple[list[float], dict]:
+def run_ours(model_dir: str, work: Path, num_steps: int, engine: str = "thinkzero") -> tuple[list[float], dict]:
     from thinkzero.rl.config import load_config
     from thinkzero.rl.trainer import Trainer
 
@@ -56,7 +61,8 @@ def run_ours(model_dir: str, work: Path, num_steps: int) -> tuple[list[float], d
         "data": {"source": str(data), "prompt_column": "prompt", "answer_column": None, "template": "{prompt}",
                  "shuffle": False},
         "rollout": {"num_generations": NUM_GENERATIONS, "prompts_per_step": PROMPTS_PER_STEP,
-                    "max_new_tokens": COMPLETION_TOKENS, "temperature": 1.0, "stop_strings": [], "ignore_eos": True},
+                    "max_new_tokens": COMPLETION_TOKENS, "temperature": 1.0, "stop_strings": [], "ignore_eos": True,
+                    "engine": engine},
         "algorithm": {"loss_type": "dapo", "beta": BETA, "num_iterations": 1},
         "rewards": {"functions": [{"name": f"{Path(__file__).resolve()}:digit_fraction"}], "num_workers": 0},
         "optim": {"lr": LR, "betas": [0.9, 0.999], "weight_decay": 0.0, "max_grad_norm": 1.0},
@@ -66,22 +72,46 @@ def run_ours(model_dir: str, work: Path, num_steps: int) -> tuple[list[float], d
     path = work / "recipe.json"  # JSON is YAML
     path.write_text(json.dumps(recipe))
     trainer = Trainer(load_config(path))
+    sync_s = _time_calls(trainer.engine, "sync_weights")
     times, splits = [], []
     try:
         for _ in range(num_steps):
+            sync_s.clear()
             t0, c0 = time.perf_counter(), time.process_time()
             metrics = trainer.train_step()
             times.append((time.perf_counter() - t0, time.process_time() - c0))
             trainer.step += 1
             assert metrics["completions/mean_length"] == COMPLETION_TOKENS, metrics["completions/mean_length"]
             split = {k: metrics[f"timing/{k}_s"] for k in SPLIT}
+            split["sync"] = sum(sync_s)
+            split["update"] -= split["sync"]  # the trainer syncs inside its update
             split["other"] = times[-1][0] - sum(split.values())
             splits.append(split)
     finally:
         trainer.tracker.close()
         trainer.scorer.close()
+        trainer.engine.close()
     prompt_tokens = len(trainer.examples[0]["prompt_ids"])
     return times, {"splits": splits, "prompt_tokens": prompt_tokens}
+
+
+def _time_calls(obj, method: str) -> list[float]:
+    """Wraps obj.method so each call's wall seconds are appended to the returned list."""
+    inner, seconds = getattr(obj, method), []
+
+    def timed(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            seconds.append(time.perf_counter() - t0)
+
+    setattr(obj, method, timed)
+    return seconds
+
+
+def run_ours_vllm(model_dir: str, work: Path, num_steps: int) -> tuple[list[float], dict]:
+    return run_ours(model_dir, work, num_steps, engine="vllm")
 
 
 def run_trl(model_dir: str, work: Path, num_steps: int) -> tuple[list[float], dict]:
@@ -127,7 +157,7 @@ def run_trl(model_dir: str, work: Path, num_steps: int) -> tuple[list[float], di
     return timer.times, {"prompt_tokens": prompt_tokens}
 
 
-RUNNERS = {"ours": run_ours, "trl": run_trl}
+RUNNERS = {"ours": run_ours, "trl": run_trl, "ours-vllm": run_ours_vllm}
 
 
 def child(args) -> None:
@@ -153,7 +183,10 @@ def measure(args, framework: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="w1", help="model preset to build with random weights (ignored with --model)")
+    ap.add_argument("--compare", choices=("trl", "vllm"), default="trl",
+                    help="trl: TRL's GRPOTrainer vs ours; vllm: our trainer on the vllm engine vs on ours")
+    ap.add_argument("--preset", default=None, help="model preset to build with random weights (ignored with "
+                                                  "--model); default w1, w1_mla576 with --compare vllm")
     ap.add_argument("--model", default=None, help="a model directory (config.json + safetensors + tokenizer)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads, same for both")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
@@ -165,6 +198,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         return child(args)
+    other = "trl" if args.compare == "trl" else "ours-vllm"
+    if args.preset is None:
+        args.preset = "w1" if args.compare == "trl" else "w1_mla576"
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.model is None:
@@ -177,25 +213,29 @@ def main() -> None:
               f"torch={torch.__version__} workload: {PROMPTS_PER_STEP} prompts x G={NUM_GENERATIONS}, "
               f"{COMPLETION_TOKENS} completion tokens, dapo, beta={BETA}, fp32, {args.warmup} warm-up + "
               f"{args.steps} timed steps")
-        res = {f: measure(args, f) for f in ("trl", "ours")}
+        res = {f: measure(args, f) for f in (other, "ours")}
 
     median = {}
-    for f in ("trl", "ours"):
+    for f in (other, "ours"):
         timed = res[f]["times"][args.warmup:]  # (wall s, process CPU s) per step
         wall, cpu = statistics.median(t[0] for t in timed), statistics.median(t[1] for t in timed)
         median[f] = wall if args.clock == "wall" else cpu
         steps_s = " ".join(f"{t[0]:.2f}" for t in timed)
-        print(f"  {f:<5} {wall:7.2f} s/step wall, {cpu:7.2f} s/step CPU  (timed steps, wall: {steps_s}; "
+        print(f"  {f:<9} {wall:7.2f} s/step wall, {cpu:7.2f} s/step CPU  (timed steps, wall: {steps_s}; "
               f"prompt {res[f]['prompt_tokens']} tokens)")
-    splits = res["ours"]["splits"][args.warmup:]
-    parts = {k: statistics.median(s[k] for s in splits) for k in (*SPLIT, "other")}
-    total = sum(parts.values())
-    print("  ours split (median, wall): " + "  ".join(f"{k} {v:.2f} s ({100 * v / total:.0f}%)"
-                                                     for k, v in parts.items()))
-    print("    (logprobs = reference-model forward; update = policy forward + backward + optimizer step)")
-    speedup = median["trl"] / median["ours"]
-    print(f"  trl / ours = {speedup:.2f}x ({args.clock} clock)")
+    for f in ("ours", "ours-vllm"):
+        if f in res:
+            splits = res[f]["splits"][args.warmup:]
+            parts = {k: statistics.median(s[k] for s in splits) for k in PARTS}
+            total = sum(parts.values())
+            print(f"  {f} split (median, wall): " + "  ".join(f"{k} {v:.2f} s ({100 * v / total:.0f}%)"
+                                                             for k, v in parts.items()))
+    print("    (logprobs = reference-model forward; sync = weights into the rollout engine; update = policy forward "
+          "+ backward + optimizer step)")
+    speedup = median[other] / median["ours"]
+    print(f"  {other} / ours = {speedup:.2f}x ({args.clock} clock)")
     print(f"speedup={speedup:.2f}")
+
 
 if __name__ == "__main__":
     main()

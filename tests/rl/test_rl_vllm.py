@@ -42,9 +42,15 @@ def setup(tmp_path_factory):
     cfg = Config()
     cfg.data.max_prompt_length, cfg.rollout.max_new_tokens = 64, 64
     cfg.algorithm.moe.routing_replay = True
+    rng = torch.get_rng_state()
     engine = VLLMEngine.from_config(cfg, model, tokenizer, torch.device("cpu"))
+    engine.rng_kept = torch.equal(torch.get_rng_state(), rng)
     yield engine, model, tokenizer
     engine.close()
+
+
+def test_starting_vllm_leaves_the_global_rng_alone(setup):
+    assert setup[0].rng_kept  # vLLM seeds it on start-up; what else in a run draws from it must not depend on the engine
 
 
 def _forward_logprobs(model, batch, temperature: float = 1.0) -> torch.Tensor:
@@ -212,7 +218,8 @@ def _train(tmp_path: Path, out: str, *overrides: str) -> Path:
     cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), str(ROOT / "recipes" / "tiny-cpu-vllm.yaml"),
            f"train.output_dir={tmp_path / out}", f"model.name_or_path={tmp_path / 'model'}", "logging.mode=disabled",
            "logging.console=false", *overrides]
-    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "disabled"})
+    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "disabled"},
+                         check=False)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
     return tmp_path / out
 
