@@ -186,3 +186,10 @@ class Collectives:
 
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()
+
+
+def is_collective_failure(error: BaseException) -> bool:
+    """Whether `error` is the process group giving up on a collective (its timeout ran out, a peer went away). NCCL
+    reports these as DistError; gloo as a plain RuntimeError that says it timed out."""
+    return isinstance(error, torch.distributed.DistError) or (
+        isinstance(error, RuntimeError) and "timed out" in str(error).lower())

@@ -20,7 +20,7 @@ from torch import nn
 import thinkzero.model as tzmodel
 from thinkzero.rl import checkpoint as ckpt
 from thinkzero.rl.config import Config, ConfigError, config_to_dict
-from thinkzero.rl.distributed import Collectives
+from thinkzero.rl.distributed import Collectives, is_collective_failure
 from thinkzero.rl.faults import kill_point
 from thinkzero.rl.rollout import policy_for_sampling
 
@@ -130,6 +130,8 @@ def save_checkpoint(dist: Collectives, model: nn.Module, tokenizer, cfg: Config,
         return _write_checkpoint(dist, model, tokenizer, cfg, step, state, rank=rank, is_deepspeed=is_deepspeed,
                                  log=log)
     except (OSError, RuntimeError, SafetensorError) as e:  # torch.save reports a failed write as RuntimeError
+        if is_collective_failure(e):
+            raise  # ranks that stopped answering are not a full disk: the caller reports the timeout as it is
         if dist.is_main:
             shutil.rmtree(ckpt.tmp_dir(output_dir, step), ignore_errors=True)
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[-1]

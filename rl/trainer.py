@@ -43,7 +43,7 @@ from thinkzero.rl import checkpoint as ckpt
 from thinkzero.rl.advantages import group_advantages, group_reward_stats, nonconstant_groups
 from thinkzero.rl.batch import RolloutBatch, ScoredRollout, StepBatch, decode_completions
 from thinkzero.rl.config import Config, check_world_size, config_to_dict, config_to_yaml
-from thinkzero.rl.distributed import Collectives, make_accelerator, prepare_models
+from thinkzero.rl.distributed import Collectives, is_collective_failure, make_accelerator, prepare_models
 from thinkzero.rl.engine import build_engine, sampling_seed
 from thinkzero.rl.faults import kill_point, nan_point
 from thinkzero.rl.loss import policy_loss, rollout_correction
@@ -59,7 +59,7 @@ from thinkzero.rl.state import (
 )
 from thinkzero.rl.tracking import Tracker
 
-__all__ = ["CheckpointWriteFailed", "SignalStop", "StepBatch", "Trainer", "TrainingStopped", "train"]
+__all__ = ["CheckpointWriteFailed", "CollectiveTimeout", "SignalStop", "StepBatch", "Trainer", "TrainingStopped", "train"]
 
 # Loss types normalised by each micro-batch's own token count (see rl.loss); the others take global normalisers.
 LOCAL_MEAN_LOSSES = ("bnpo",)
@@ -70,6 +70,11 @@ class TrainingStopped(RuntimeError):
     """Training stopped on purpose (e.g. too many non-finite updates in a row); the state was saved first."""
 
 
+class CollectiveTimeout(RuntimeError):
+    """The processes stopped meeting at the same collective (one failed, hung or took another path) and the process
+    group's timeout (train.dist_timeout_s) ran out."""
+
+
 class SignalStop(RuntimeError):
     """Training stopped on SIGTERM / SIGINT after saving a checkpoint of the last finished step."""
 
@@ -77,6 +82,7 @@ class SignalStop(RuntimeError):
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        self.stage = "starting"  # what the loop is doing, for the message when ranks stop meeting
         self.accelerator = make_accelerator(cfg.train.dist_timeout_s)
         self.dist = Collectives(self.accelerator)
         self.device = self.accelerator.device
@@ -182,33 +188,49 @@ class Trainer:
         cfg = self.cfg
         self.stop_agreed = False
         try:
-            with StopRequest() as stop:
-                while self.step < cfg.train.max_steps and not self._stop_agreed(stop):
-                    metrics = self.train_step(stop)
-                    if metrics is None:  # stopped between rollout and update: the step was abandoned
-                        break
-                    self.step += 1
-                    if self.step % cfg.logging.log_every == 0 or self.step == cfg.train.max_steps:
-                        self.tracker.log(metrics, self.step)
-                    if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.eval_examples:
-                        self.tracker.log(self.evaluate(), self.step)
-                    if cfg.train.save_every and self.step % cfg.train.save_every == 0 and \
-                            self.step < cfg.train.max_steps:
-                        self.save()
-                if self.saved_step != self.step:  # a resumed run with nothing left to do keeps its checkpoint as is
-                    self.save()
-                if self.stop_agreed and self.step < cfg.train.max_steps:
-                    # Every rank stops with the same error: only the rank(s) the signal reached know its name.
-                    where = ckpt.checkpoint_dir(self.output_dir, self.step)
-                    raise SignalStop(f"{stop.signal_name or 'a stop signal to another process'}: saved {where} at "
-                                     f"step {self.step}; continue with train.resume=auto")
+            self._train_until_done()
+        except RuntimeError as e:
+            if not is_collective_failure(e):
+                raise
+            last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            raise CollectiveTimeout(
+                f"the processes stopped meeting at the same collective at step {self.step + 1} while {self.stage} "
+                f"({last}); another process failed, hung or took another path: its own log says why "
+                f"(train.dist_timeout_s={cfg.train.dist_timeout_s:g} s)") from e
         finally:
             self.engine.close()
             self.tracker.close()
             self.scorer.close()
 
+    def _train_until_done(self) -> None:
+        cfg = self.cfg
+        with StopRequest() as stop:
+            while self.step < cfg.train.max_steps and not self._stop_agreed(stop):
+                metrics = self.train_step(stop)
+                if metrics is None:  # stopped between rollout and update: the step was abandoned
+                    break
+                self.step += 1
+                if self.step % cfg.logging.log_every == 0 or self.step == cfg.train.max_steps:
+                    self.tracker.log(metrics, self.step)
+                if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.eval_examples:
+                    self.stage = "evaluating"
+                    self.tracker.log(self.evaluate(), self.step)
+                if cfg.train.save_every and self.step % cfg.train.save_every == 0 and \
+                        self.step < cfg.train.max_steps:
+                    self.stage = "saving a checkpoint"
+                    self.save()
+            if self.saved_step != self.step:  # a resumed run with nothing left to do keeps its checkpoint as is
+                self.stage = "saving a checkpoint"
+                self.save()
+            if self.stop_agreed and self.step < cfg.train.max_steps:
+                # Every rank stops with the same error: only the rank(s) the signal reached know its name.
+                where = ckpt.checkpoint_dir(self.output_dir, self.step)
+                raise SignalStop(f"{stop.signal_name or 'a stop signal to another process'}: saved {where} at "
+                                 f"step {self.step}; continue with train.resume=auto")
+
     def _stop_agreed(self, stop: StopRequest | None) -> bool:
         """Whether any rank got a stop signal (one tiny collective, so every rank stops at the same step)."""
+        self.stage = "agreeing on whether to stop"
         self.stop_agreed = self.dist.max(stop is not None and stop.signal_name is not None) > 0
         return self.stop_agreed
 
@@ -218,6 +240,7 @@ class Trainer:
         finished step and a resume samples this step again exactly."""
         t_start = time.perf_counter()
         before = (self.sampler.state_dict(), ckpt.rng_state(), dict(self.reward_failures))
+        self.stage = "sampling and scoring"
         batch, timing, sample_metrics = self.collect()
         if self._stop_agreed(stop):
             self.sampler.load_state_dict(before[0])
@@ -225,6 +248,7 @@ class Trainer:
             self.reward_failures = before[2]
             return None
         t_update = time.perf_counter()
+        self.stage = "updating the policy"
         update_metrics = self.update(batch)
         with warnings.catch_warnings():
             # The schedule counts training steps; when a step's update was skipped as non-finite torch warns that

@@ -21,7 +21,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from thinkzero.rl.cli import SETUP_ERRORS, USER_ERRORS, fail  # noqa: E402
 from thinkzero.rl.config import config_help, load_config  # noqa: E402
-from thinkzero.rl.trainer import CheckpointWriteFailed, SignalStop, Trainer, TrainingStopped  # noqa: E402
+from thinkzero.rl.trainer import (  # noqa: E402
+    CheckpointWriteFailed,
+    CollectiveTimeout,
+    SignalStop,
+    Trainer,
+    TrainingStopped,
+)
 
 
 def main(argv: list[str]) -> int:
@@ -48,6 +54,9 @@ def main(argv: list[str]) -> int:
         return 4
     except TrainingStopped as e:
         print(f"stopped: {e}", file=sys.stderr)
+        return 1
+    except CollectiveTimeout as e:
+        print(f"error: {e}", file=sys.stderr)
         return 1
     except USER_ERRORS as e:
         return fail(e)

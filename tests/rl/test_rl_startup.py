@@ -117,3 +117,6 @@ def test_a_collective_only_one_rank_reaches_fails_within_the_timeout(tmp_path):
         assert rc is not None, f"rank {rank} still waiting after {elapsed:.0f} s: the collective hung\n{stderr[-3000:]}"
         assert rc != 0, stderr[-3000:]
     assert "timed out" in results[0][1].lower(), results[0][1][-3000:]
+    # Rank 0 waits in step 2's first collective; its one-line error says so (and is not a traceback).
+    last = results[0][1].strip().splitlines()[-1]
+    assert last.startswith("error: the processes stopped meeting at the same collective at step 2 while "), last
