@@ -10,7 +10,8 @@ A benchmark number is the mean of the per-problem values.
 `evaluate_policy` samples with model.generate (one greedy completion and `num_samples` sampled ones per problem) and
 grades with the reward package: rewards.math.verify for correctness, the strict `format` reward for the
 <think>…</think><answer>…</answer> layout (given the rendered prompt, so a <think> the template opened counts). It returns a summary dict and one record per problem (the completions the
-numbers were computed from).
+numbers were computed from). `score_greedy` is the trainer's periodic evaluation: greedy completions scored with
+the training rewards.
 """
 
 from __future__ import annotations
@@ -168,3 +169,26 @@ def evaluate_policy(
     finally:
         model.train(was_training)
     return summarize(records, num_samples), records
+
+
+def score_greedy(policy, examples: list[dict], params, tokenizer, scorer, columns: list[str],
+                 chunk: int = 32) -> dict[str, list[float]]:
+    """One greedy completion per example (`params` at temperature 0), scored with the training rewards `scorer`.
+    Returns the values to average: "reward" (the weighted totals) and "<name>/mean" per reward function (the
+    samples it could judge). `chunk` prompts per generate call."""
+    from thinkzero.model.generate import generate
+    from thinkzero.rl.batch import decode_completions
+
+    totals: dict[str, list[float]] = {"reward": [], **{f"{name}/mean": [] for name in scorer.names}}
+    for s in range(0, len(examples), chunk):
+        part = examples[s:s + chunk]
+        out = generate(policy, [ex["prompt_ids"] for ex in part], 1, params, decode=tokenizer.decode)
+        ids, texts = decode_completions(out, tokenizer)
+        scores = scorer.score(texts, columns={c: [ex.get(c) for ex in part] for c in columns},
+                              facts={"prompt": [ex["prompt"] for ex in part], "completion_ids": ids,
+                                     "num_tokens": out.completion_mask.sum(1).tolist(),
+                                     "finish_reason": list(out.finish_reasons)})
+        totals["reward"].extend(scores.total)
+        for name, values in scores.per_function.items():
+            totals[f"{name}/mean"].extend(v for v in values if v is not None)
+    return totals

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from thinkzero.rl.batch import RolloutBatch
+from thinkzero.rl.batch import RolloutBatch, StepBatch
 from thinkzero.rl.distributed import Collectives
 from thinkzero.rl.loss import masked_mean
 
@@ -109,3 +109,16 @@ class UpdateMetrics:
             metrics["moe/routing_mismatch_frac"] = float(np.mean([dist.sum(n) / total
                                                                   for n in self.routing_mismatches]))
         return metrics, global_counts
+
+
+def completion_rows(step: StepBatch, limit: int) -> list[dict]:
+    """The first `limit` completions of a step as table rows: prompt, completion, advantage, each reward, total."""
+    rows = []
+    for i in range(min(limit, len(step.texts))):
+        row = {"prompt": step.examples[i]["prompt"], "completion": step.texts[i],
+               "advantage": float(step.advantages[i])}
+        for name, values in step.per_function.items():
+            row[name] = values[i]
+        row["reward"] = float(step.rewards[i])
+        rows.append(row)
+    return rows

@@ -45,9 +45,10 @@ from thinkzero.rl.batch import RolloutBatch, ScoredRollout, StepBatch, decode_co
 from thinkzero.rl.config import Config, check_world_size, config_to_dict, config_to_yaml
 from thinkzero.rl.distributed import Collectives, is_collective_failure, make_accelerator, prepare_models
 from thinkzero.rl.engine import build_engine, sampling_seed
+from thinkzero.rl.evaluation import score_greedy
 from thinkzero.rl.faults import kill_point, nan_point
 from thinkzero.rl.loss import policy_loss, rollout_correction
-from thinkzero.rl.metrics import UpdateMetrics, rollout_metrics
+from thinkzero.rl.metrics import UpdateMetrics, completion_rows, rollout_metrics
 from thinkzero.rl.optim import adamw, lr_lambda, seed_everything
 from thinkzero.rl.rollout import policy_for_sampling
 from thinkzero.rl.signals import StopRequest
@@ -59,11 +60,11 @@ from thinkzero.rl.state import (
 )
 from thinkzero.rl.tracking import Tracker
 
-__all__ = ["CheckpointWriteFailed", "CollectiveTimeout", "SignalStop", "StepBatch", "Trainer", "TrainingStopped", "train"]
+__all__ = ["CheckpointWriteFailed", "CollectiveTimeout", "SignalStop", "StepBatch", "Trainer", "TrainingStopped",
+           "train"]
 
 # Loss types normalised by each micro-batch's own token count (see rl.loss); the others take global normalisers.
 LOCAL_MEAN_LOSSES = ("bnpo",)
-EVAL_CHUNK = 32  # eval prompts per generate call
 
 
 class TrainingStopped(RuntimeError):
@@ -532,37 +533,16 @@ class Trainer:
         """Greedy completions of this rank's share of the eval prompts, scored with the training rewards. The
         parameters are gathered once (a collective under ZeRO-3) and every rank reduces the same keys, however many
         prompts its share holds (none, when there are fewer prompts than processes)."""
-        examples = self.eval_examples[self.rank::self.world_size]
         params = SamplingParams(max_new_tokens=self.sampling.max_new_tokens, temperature=0.0,
                                 eos_token_ids=self.sampling.eos_token_ids, stop_strings=self.sampling.stop_strings,
                                 pad_token_id=self.sampling.pad_token_id)
-        totals: dict[str, list[float]] = {"reward": [], **{f"{name}/mean": [] for name in self.scorer.names}}
         with policy_for_sampling(self.model) as policy:
-            for s in range(0, len(examples), EVAL_CHUNK):
-                chunk = examples[s:s + EVAL_CHUNK]
-                out = tzmodel.generate(policy, [ex["prompt_ids"] for ex in chunk], 1, params,
-                                       decode=self.tokenizer.decode)
-                ids, texts = decode_completions(out, self.tokenizer)
-                scores = self.scorer.score(texts, columns={c: [ex.get(c) for ex in chunk] for c in self.columns},
-                                           facts={"prompt": [ex["prompt"] for ex in chunk], "completion_ids": ids,
-                                                  "num_tokens": out.completion_mask.sum(1).tolist(),
-                                                  "finish_reason": list(out.finish_reasons)})
-                totals["reward"].extend(scores.total)
-                for name, values in scores.per_function.items():
-                    totals[f"{name}/mean"].extend(v for v in values if v is not None)
+            totals = score_greedy(policy, self.eval_examples[self.rank::self.world_size], params, self.tokenizer,
+                                  self.scorer, self.columns)
         return {f"eval/{k}": self.dist.sum(sum(v)) / max(self.dist.sum(len(v)), 1) for k, v in totals.items()}
 
     def _log_completions(self, step: StepBatch) -> None:
-        n = min(self.cfg.logging.completions_rows, len(step.texts))
-        rows = []
-        for i in range(n):
-            row = {"prompt": step.examples[i]["prompt"], "completion": step.texts[i],
-                   "advantage": float(step.advantages[i])}
-            for name, values in step.per_function.items():
-                row[name] = values[i]
-            row["reward"] = float(step.rewards[i])
-            rows.append(row)
-        self.tracker.log_completions(rows, self.step + 1)
+        self.tracker.log_completions(completion_rows(step, self.cfg.logging.completions_rows), self.step + 1)
 
     def save(self) -> Path | None:
         """Writes checkpoint-<step> (see rl.state.save_checkpoint); raises CheckpointWriteFailed on a failed write."""
