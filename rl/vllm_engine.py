@@ -1,11 +1,11 @@
 """Rollouts through vLLM: a colocated, in-process vLLM `LLM` per training process, fed the policy's weights in memory.
 
-The engine implements rl.engine's seam (`sample`, `sync_weights`, `close`). It boots vLLM once from the policy's
-current weights (written once to a temporary Hugging Face directory), then after every optimizer step streams the
-parameters under their Hugging Face names into vLLM's model through the worker's `reload_weights` (no checkpoint
-written; under ZeRO-3 one decoder layer is gathered at a time). Token-id prompts only: vLLM never sees a tokenizer, so
-stop strings are applied here, after sampling, with the same rule as model.generate (the completion ends right after
-the token that completed a stop string).
+The engine implements rl.engine's seam (`sample`, `sync_weights`, `close`). It boots vLLM from the policy's
+config.json alone (dummy weights), then streams the policy's parameters under their Hugging Face names into vLLM's
+model through the worker's `reload_weights`: once at start-up and after every optimizer step, in memory (no
+checkpoint written; under ZeRO-3 one decoder layer is gathered at a time). Token-id prompts only: vLLM never sees a
+tokenizer, so stop strings are applied here, after sampling, with the same rule as model.generate (the completion
+ends right after the token that completed a stop string).
 
 What a row samples depends only on its request seed, derived from (the prompt's sampling seed, g): one process or
 many, straight or resumed, draw the same tokens wherever vLLM's kernels give the same logits for a batch of any
@@ -15,29 +15,32 @@ the trainer's `sampling_logprobs`: the distribution actually sampled from (greed
 Routing replay: vLLM's own routed-experts capture (`enable_return_routed_experts`) needs Model Runner V2 and prefix
 caching, which its CPU build has neither of, so this module captures the same ids itself: it binds a capture function
 to every MoE router (the hook vLLM's capture uses) and maps each forward's token rows to (request, position) from the
-model runner's batch. The last sampled token of a row never goes through vLLM's model, so it has no routing; it gets
-its predecessor's experts (it only feeds the logits after the completion, which no loss reads).
+V1 model runner's batch (so the engine asks for that runner on GPUs too). The last sampled token of a row never goes
+through vLLM's model, so it has no routing; it gets its predecessor's experts (it only feeds the logits after the
+completion, which no loss reads).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import math
 import os
 import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from thinkzero.model.checkpoint import hf_views, save_model
+from thinkzero.model.checkpoint import CONFIG_FILE, hf_views
 from thinkzero.model.generate import SamplingParams, StopStringChecker
 from thinkzero.rl import checkpoint as ckpt
 from thinkzero.rl.batch import RolloutBatch
 from thinkzero.rl.config import Config
-from thinkzero.rl.rollout import _is_zero3, policy_for_sampling
+from thinkzero.rl.rollout import _is_zero3
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +57,10 @@ def request_seed(seed: int, g: int) -> int:
 class VLLMEngine:
     """Samples with a vLLM `LLM` that holds a copy of the policy's weights; `sync_weights` refreshes the copy."""
 
-    def __init__(self, llm, tokenizer, device: torch.device, moe_layer_ids: list[int], capture_routing: bool,
+    def __init__(self, llm, policy: nn.Module, tokenizer, device: torch.device, moe_layer_ids: list[int],
                  sleep_mode: bool, joined_group: bool = False):
         self.llm, self.tokenizer, self.device = llm, tokenizer, device
+        self.policy = policy  # the (possibly wrapped) training policy, to re-sync from after a sleep without a sync
         self.joined_group = joined_group  # vLLM runs in the trainer's process group rather than one of its own
         self.moe_layer_ids = moe_layer_ids  # vLLM layer index of each of our MoE layers, in our order
         self.sleep_mode = sleep_mode
@@ -64,14 +68,14 @@ class VLLMEngine:
         self.on_cpu = llm.llm_engine.vllm_config.device_config.device_type == "cpu"
         if self.on_cpu:
             llm.collective_rpc(_native_rope)
-        self.capture_routing = capture_routing and bool(moe_layer_ids)
-        if self.capture_routing:
-            llm.collective_rpc(_install_routing_capture)
+        self.capture_installed = False  # the routers' capture hooks go in on the first rollout that asks for routing
 
     @classmethod
     def from_config(cls, cfg: Config, model: nn.Module, tokenizer, device: torch.device) -> VLLMEngine:
         """Boots vLLM from the policy's current weights, with the recipe's rollout.vllm settings."""
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process: the worker's model is reachable for syncs
+        # The routing capture reads the V1 model runner's batch (what vLLM's CPU build always runs).
+        os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
         v = cfg.rollout.vllm
         on_cpu = device.type == "cpu"
         if on_cpu:
@@ -82,24 +86,27 @@ class VLLMEngine:
             log.warning("rollout.vllm.enable_sleep_mode is ignored on CPU: vLLM's sleep mode needs CUDA")
         from vllm import LLM  # optional dependency: imported only when the recipe asks for this engine
 
-        with policy_for_sampling(model) as policy, tempfile.TemporaryDirectory(prefix="thinkzero-vllm-") as path, \
-                _global_rng_kept():
-            save_model(policy, path)
-            config = policy.config
-            dtype = _DTYPES[next(policy.parameters()).dtype]
-            moe_layer_ids = [i for i, layer in enumerate(policy.model.layers) if layer.is_moe]
-            backend = _executor_backend()
+        module = model.module if hasattr(model, "module") else model
+        dtype = _DTYPES[next(module.parameters()).dtype]
+        moe_layer_ids = [i for i, layer in enumerate(module.model.layers) if layer.is_moe]
+        backend = _executor_backend()
+        # vLLM starts from the config alone (dummy weights); the policy's weights then stream in as after an update,
+        # so no checkpoint is written and ZeRO-3 never gathers more than one block.
+        with tempfile.TemporaryDirectory(prefix="thinkzero-vllm-") as path, _global_rng_kept():
+            config = {**module.config.to_dict(), "torch_dtype": dtype}
+            (Path(path) / CONFIG_FILE).write_text(json.dumps(config))
             llm = LLM(
-                model=path, skip_tokenizer_init=True, dtype=dtype, seed=cfg.train.seed,
+                model=path, load_format="dummy", skip_tokenizer_init=True, dtype=dtype, seed=cfg.train.seed,
                 max_model_len=v.max_model_len or cfg.data.max_prompt_length + cfg.rollout.max_new_tokens,
                 gpu_memory_utilization=v.gpu_memory_utilization, tensor_parallel_size=v.tensor_parallel_size,
                 enforce_eager=v.enforce_eager, enable_sleep_mode=sleep_mode, logprobs_mode="processed_logprobs",
                 distributed_executor_backend=backend,
             )
-        log.info("vLLM engine up: %s, %d MoE layers, vocab %d", dtype, len(moe_layer_ids), config.vocab_size)
-        capture = cfg.algorithm.moe.routing_replay
-        return cls(llm, tokenizer, device, moe_layer_ids, capture_routing=capture, sleep_mode=sleep_mode,
-                   joined_group=backend is not None)
+        engine = cls(llm, model, tokenizer, device, moe_layer_ids, sleep_mode=sleep_mode,
+                     joined_group=backend is not None)
+        engine.sync_weights(model)
+        log.info("vLLM engine up: %s, %d MoE layers", dtype, len(moe_layer_ids))
+        return engine
 
     # ---- sampling -------------------------------------------------------------------------------------------------
 
@@ -109,7 +116,8 @@ class VLLMEngine:
         from vllm import SamplingParams as VLLMSamplingParams
 
         if len(seeds) != len(prompts):
-            raise ValueError(f"VLLMEngine.sample: got {len(seeds)} seeds for {len(prompts)} prompts; give one per prompt")
+            raise ValueError(f"VLLMEngine.sample: got {len(seeds)} seeds for {len(prompts)} prompts; "
+                             "give one per prompt")
         self._wake()
         G = num_generations
         requests, sampling = [], []
@@ -121,9 +129,12 @@ class VLLMEngine:
                     max_tokens=params.max_new_tokens, logprobs=0, seed=request_seed(seeds[p], g), detokenize=False,
                     # Our EOS ids only: vLLM would also stop at the one in the model's config.
                     ignore_eos=True, stop_token_ids=list(params.eos_token_ids)))
-        capture = self.capture_routing and params.return_routing
+        capture = params.return_routing and bool(self.moe_layer_ids)
+        if capture and not self.capture_installed:
+            self.llm.collective_rpc(_install_routing_capture)
+            self.capture_installed = True
         if capture:
-            self.llm.collective_rpc(_routing_reset)
+            self.llm.collective_rpc(_routing_start)
         outputs = self.llm.generate(requests, sampling, use_tqdm=False)
         routed = self.llm.collective_rpc(_routing_take)[0] if capture else None
         completions = [_completion(out, params, self.tokenizer) for out in outputs]
@@ -176,9 +187,8 @@ class VLLMEngine:
             self.llm.reset_prefix_cache()  # cached blocks hold keys computed with the old weights
 
     def _wake(self) -> None:
-        if self.asleep:  # sampled again without a sync in between (e.g. a skipped update)
-            self.llm.wake_up()
-            self.asleep = False
+        if self.asleep:  # sampled again without a sync in between (e.g. a skipped update): sleep dropped the weights
+            self.sync_weights(self.policy)
 
     def close(self) -> None:
         """Shuts vLLM down; the process group vLLM made for itself goes too (a trainer's own group stays)."""
@@ -317,7 +327,7 @@ def _install_routing_capture(worker) -> None:
     runner = worker.model_runner
     num_layers = runner.model_config.get_total_num_hidden_layers()
     step: dict[int, torch.Tensor] = {}
-    worker.thinkzero_routing = {}
+    worker.thinkzero_routing = None  # a dict while a rollout collects routing
     for module in runner.model.modules():
         if isinstance(module, MoERunner):
             module.router.set_capture_fn(lambda ids, layer=module.layer_id: step.__setitem__(layer, ids.clone()))
@@ -332,7 +342,7 @@ def _install_routing_capture(worker) -> None:
     def forward(*args, positions=None, **kwargs):
         step.clear()
         out = model_forward(*args, positions=positions, **kwargs)
-        if step:
+        if step and worker.thinkzero_routing is not None:
             _file_routing(worker.thinkzero_routing, step, runner.input_batch.req_ids, scheduled, positions, num_layers)
         return out
 
@@ -356,10 +366,10 @@ def _file_routing(store, step: dict[int, torch.Tensor], req_ids, scheduled: dict
         row += n
 
 
-def _routing_reset(worker) -> None:
+def _routing_start(worker) -> None:
     worker.thinkzero_routing = {}
 
 
 def _routing_take(worker) -> dict[str, dict[int, torch.Tensor]]:
-    routed, worker.thinkzero_routing = worker.thinkzero_routing, {}
+    routed, worker.thinkzero_routing = worker.thinkzero_routing, None
     return routed

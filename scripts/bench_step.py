@@ -12,8 +12,9 @@ median. For TRL a step is the time between consecutive `on_step_end` callbacks (
 Prints one line per framework (wall and process-CPU medians), our rollout / reward / reference log-probs / weight
 sync / update split (the trainer's own timing metrics, wall clock; weight sync is timed around the engine's
 sync_weights and taken out of the update), the ratio, and last `speedup=X.XX` (the other side's seconds per step
-over ours on our engine). On a shared CPU machine use `--threads 1 --clock cpu`: with more threads than free cores, OpenMP workers
-wait for each other on every small op and a decode step can take 10-30x longer. Needs the `bench` extra (trl).
+over ours on our engine). On a shared CPU machine use `--threads 1 --clock cpu`: with more threads than free cores,
+OpenMP workers wait for each other on every small op and a decode step can take 10-30x longer. Needs the `bench`
+extra (trl).
 Usage: python scripts/bench_step.py [--compare trl|vllm] [--preset w1 | --model DIR] [--threads N] [--clock wall|cpu]
        [--warmup 2] [--steps 5]
 """

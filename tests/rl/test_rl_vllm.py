@@ -42,7 +42,6 @@ def setup(tmp_path_factory):
     tokenizer = load_tokenizer(path)
     cfg = Config()
     cfg.data.max_prompt_length, cfg.rollout.max_new_tokens = 64, 64
-    cfg.algorithm.moe.routing_replay = True
     rng = torch.get_rng_state()
     engine = VLLMEngine.from_config(cfg, model, tokenizer, torch.device("cpu"))
     engine.rng_kept = torch.equal(torch.get_rng_state(), rng)
@@ -51,7 +50,8 @@ def setup(tmp_path_factory):
 
 
 def test_starting_vllm_leaves_the_global_rng_alone(setup):
-    assert setup[0].rng_kept  # vLLM seeds it on start-up; what else in a run draws from it must not depend on the engine
+    # vLLM seeds it on start-up; whatever else in a run draws from it must not depend on the engine.
+    assert setup[0].rng_kept
 
 
 def _forward_logprobs(model, batch, temperature: float = 1.0) -> torch.Tensor:
