@@ -10,7 +10,7 @@ EOS), so the collectives would not match and the ranks would hang. Otherwise the
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
