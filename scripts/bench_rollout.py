@@ -9,8 +9,9 @@ one untimed warm-up call, then `--runs` timed calls; tokens/s is the median. Pea
 process's peak RSS over its RSS before the first timed call (CPU), or torch's peak allocated bytes (CUDA).
 
 Prints one line per measurement; the last line is `speedup=X.XX` (ours over the other engine, workload 1 tokens/s).
-Needs the `bench` extra (transformers), or vllm for `--engine vllm` (vLLM's CPU build binds its own OpenMP threads:
-all the cores it is given, whatever --threads says).
+Needs the `bench` extra (transformers), or vllm for `--engine vllm` (vLLM's CPU build pins its own OpenMP threads,
+one per core but one, whatever --threads says: on a 2-core machine it decodes on one pinned core, and a busy machine
+can stall it badly; run it twice).
 Usage: python scripts/bench_rollout.py [--engine transformers|vllm] [--preset w1 | --model DIR] [--device cpu|cuda]
        [--threads N] [--runs 5]
 """
