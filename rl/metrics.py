@@ -30,6 +30,15 @@ def routing_mismatches(chosen: torch.Tensor, sampled: torch.Tensor, Tp: int, mas
     return (differs & mask.bool()).sum()
 
 
+def without_last_token(mask: torch.Tensor) -> torch.Tensor:
+    """The completion mask (B, Tc) without each row's last token: no engine feeds the last sampled token back through
+    the model, so its routing is never computed (its logits predict past the completion and are never trained)."""
+    keep = mask.clone()
+    last = (mask.sum(dim=1) - 1).clamp(min=0).long()  # (B,)
+    keep[torch.arange(mask.shape[0], device=mask.device), last] = 0
+    return keep
+
+
 def rollout_metrics(dist: Collectives, per_function: dict[str, list], batch: RolloutBatch) -> dict[str, float]:
     """Per-reward mean and std over the judged samples, and completion lengths, over all ranks."""
     metrics = {}
@@ -86,7 +95,7 @@ class UpdateMetrics:
         for counts, layer in zip(self.expert_counts, chosen or []):
             counts += torch.bincount(layer.cpu()[real].flatten(), minlength=counts.numel()).double()
         if first_pass and chosen and rb.routing is not None:
-            completion = rb.completion_mask[rows]
+            completion = without_last_token(rb.completion_mask[rows])
             for i, (layer, sampled) in enumerate(zip(chosen, rb.routing)):
                 self.routing_mismatches[i] += float(
                     routing_mismatches(layer, sampled[rows], rb.prompt_ids.shape[1], completion))

@@ -20,6 +20,7 @@ from thinkzero.model.generate import SamplingParams, generate
 from thinkzero.model.presets import write_random_model
 from thinkzero.model.tokenizer import load_tokenizer
 from thinkzero.rl.config import Config
+from thinkzero.rl.metrics import routing_mismatches, without_last_token
 
 if os.environ.get("THINKZERO_SKIP_VLLM") == "1":
     pytest.skip("THINKZERO_SKIP_VLLM=1: vLLM tests skipped on request", allow_module_level=True)
@@ -199,6 +200,12 @@ def test_routing_replay_uses_vllms_experts(setup):
     mismatch = [(f.sort(-1).values != t.sort(-1).values).any(-1)[routed].float().mean()
                 for f, t in zip(free.routing, batch.routing)]
     assert max(mismatch) > 0.05  # without replay our forward picks other experts for many tokens
+    # What the trainer logs as moe/routing_mismatch_frac, from the same pieces: drift without replay, none with it.
+    completion = without_last_token(batch.completion_mask)
+    drift = [int(routing_mismatches(f, t, batch.prompt_ids.shape[1], completion))
+             for f, t in zip(free.routing, batch.routing)]
+    assert max(drift) > 0 and all(int(routing_mismatches(c, t, batch.prompt_ids.shape[1], completion)) == 0
+                                  for c, t in zip(replayed.routing, batch.routing))
     Tp = batch.prompt_ids.shape[1]
 
     def completion_logprobs(out):
