@@ -10,10 +10,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import thinkzero.model as tzmodel
 import thinkzero.rewards as tzrewards
 from thinkzero.model.checkpoint import DTYPES
 from thinkzero.model.generate import SamplingParams
+from thinkzero.rl import hf_policy
 from thinkzero.rl.config import Config
 from thinkzero.rl.data import PromptSampler, load_rows, prepare_examples
 
@@ -21,9 +21,14 @@ from thinkzero.rl.data import PromptSampler, load_rows, prepare_examples
 def write_random_model(cfg: Config) -> None:
     """The recipe's preset written to model.name_or_path with random weights, unless a model is already there."""
     if not (Path(cfg.model.name_or_path) / "config.json").is_file():
-        from thinkzero.model.presets import write_random_model as write
+        hf_policy.write_random_policy(cfg.model.init_preset, cfg.model.name_or_path, seed=cfg.train.seed)
 
-        write(cfg.model.init_preset, cfg.model.name_or_path, seed=cfg.train.seed)
+
+def load_tokenizer(cfg: Config):
+    """The tokenizer of model.tokenizer (default model.name_or_path): ours for our policy, transformers' otherwise."""
+    m = cfg.model
+    kind = hf_policy.policy_kind(m.name_or_path, m.policy)
+    return hf_policy.load_policy_tokenizer(m.tokenizer or m.name_or_path, kind, m.trust_remote_code)
 
 
 def training_dtype(cfg: Config, device: torch.device) -> torch.dtype:
@@ -37,7 +42,9 @@ def training_dtype(cfg: Config, device: torch.device) -> torch.dtype:
 
 def load_policy(cfg: Config, model_path: str, tokenizer, dtype: torch.dtype, device: torch.device) -> nn.Module:
     """The policy to train, from `model_path` (the configured model, or the checkpoint resumed from)."""
-    policy = tzmodel.load_model(model_path, dtype=dtype, device=device)
+    m, moe = cfg.model, cfg.algorithm.moe
+    policy = hf_policy.load_policy(model_path, dtype, device, m.policy, m.trust_remote_code)
+    hf_policy.check_moe_options(policy, moe.aux_loss_coef, moe.router_bias_update_gamma, moe.routing_replay)
     if policy.config.vocab_size < tokenizer.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                          f"{policy.config.vocab_size}; they do not belong together")
@@ -61,8 +68,8 @@ def load_reference(cfg: Config, dtype: torch.dtype, device: torch.device) -> nn.
     m = cfg.model
     if cfg.algorithm.beta == 0:
         return None
-    return tzmodel.load_model(m.ref_model or m.name_or_path, dtype=dtype,
-                              device="cpu" if m.ref_model_on_cpu else device).eval().requires_grad_(False)
+    return hf_policy.load_policy(m.ref_model or m.name_or_path, dtype, "cpu" if m.ref_model_on_cpu else device,
+                                 m.policy, m.trust_remote_code).requires_grad_(False)
 
 
 @dataclass

@@ -47,6 +47,10 @@ class ModelSection:
     # Write a random-init model of this preset (model/presets.py) to name_or_path when it holds no model yet:
     # for toy runs and tests that start from scratch. A directory that already has a model is never touched.
     init_preset: str | None = None
+    # Who implements the policy: 'auto' is ours for DeepSeek-V2/V3 (config.json model_type deepseek_v2/v3) and
+    # transformers' AutoModelForCausalLM for any other model_type; 'thinkzero' or 'transformers' forces one.
+    policy: Literal["auto", "thinkzero", "transformers"] = "auto"
+    trust_remote_code: bool = False  # let a transformers checkpoint run the model code it ships (only code you trust)
 
 
 @dataclass
@@ -76,7 +80,9 @@ class RolloutSection:
     top_k: int = 0  # 0 = off
     stop_strings: list[str] = field(default_factory=lambda: ["</answer>"])
     ignore_eos: bool = False  # EOS does not end a completion (fixed-length rollouts for benchmarks)
-    engine: Literal["thinkzero", "vllm"] = "thinkzero"  # who samples: our engine, or a colocated vLLM per process
+    # Who samples: our engine (DeepSeek models), a colocated vLLM per process, or transformers' generate (the slow
+    # path, for transformers policies on machines without vLLM).
+    engine: Literal["thinkzero", "vllm", "transformers"] = "thinkzero"
     vllm: VLLMSection = field(default_factory=lambda: VLLMSection())
 
 
@@ -532,9 +538,10 @@ def _looks_local(path: str) -> bool:
             or Path(path).suffix in (".json", ".jsonl", ".parquet", ".csv", ".safetensors"))
 
 
-def check_model(m: Any, p: Problems, *, check_paths: bool, path_fields: tuple[str, ...]) -> None:
+def check_model(m: Any, p: Problems, *, check_paths: bool, path_fields: tuple[str, ...],
+                transformers_presets: bool = False) -> None:
     """model.name_or_path, the local paths among `path_fields` and model.init_preset (GRPO's and SFT's model
-    sections both have these)."""
+    sections both have these; GRPO's presets include transformers models)."""
     p.need(bool(m.name_or_path), "model.name_or_path is required (a model directory with config.json + safetensors)")
     if check_paths:
         for name in path_fields:
@@ -546,8 +553,13 @@ def check_model(m: Any, p: Problems, *, check_paths: bool, path_fields: tuple[st
     if m.init_preset is not None:
         from thinkzero.model.presets import PRESETS
 
-        p.need(m.init_preset in PRESETS,
-               f"model.init_preset must be one of {', '.join(sorted(PRESETS))} or null; got {m.init_preset!r}")
+        names = sorted(PRESETS)
+        if transformers_presets:
+            from thinkzero.rl.hf_policy import HF_PRESETS
+
+            names += sorted(HF_PRESETS)
+        p.need(m.init_preset in names,
+               f"model.init_preset must be one of {', '.join(names)} or null; got {m.init_preset!r}")
 
 
 def check_data(d: Any, p: Problems, *, check_paths: bool, path_fields: tuple[str, ...]) -> None:
@@ -592,7 +604,9 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
     listing every problem found."""
     p = Problems()
     m, d = cfg.model, cfg.data
-    check_model(m, p, check_paths=check_paths, path_fields=("name_or_path", "tokenizer", "ref_model"))
+    check_model(m, p, check_paths=check_paths, path_fields=("name_or_path", "tokenizer", "ref_model"),
+                transformers_presets=True)
+    _check_policy_engine(m, cfg.rollout.engine, p, check_paths=check_paths)
     check_data(d, p, check_paths=check_paths, path_fields=("source", "eval_source"))
     p.need(d.max_prompt_length >= 1, f"data.max_prompt_length must be >= 1; got {d.max_prompt_length}")
     p.need(d.eval_max_examples is None or d.eval_max_examples >= 1,
@@ -604,6 +618,24 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
     _check_train(cfg.train, d, p, check_paths=check_paths)
     check_logging(cfg.logging, p)
     p.raise_if_any("invalid config")
+
+
+def _check_policy_engine(m: ModelSection, engine: str, p: Problems, *, check_paths: bool) -> None:
+    """Whether rollout.engine can sample the policy: known from the preset, or from a local model's config.json (a
+    model not on disk yet is checked when it loads)."""
+    from thinkzero.rl.hf_policy import PolicyError, check_engine, policy_kind, preset_kind
+
+    config = Path(m.name_or_path).expanduser() / "config.json"
+    try:
+        if m.init_preset:
+            kind = "transformers" if m.policy == "transformers" else preset_kind(m.init_preset)
+        elif check_paths and config.is_file():
+            kind = policy_kind(config.parent, m.policy)
+        else:
+            return
+        check_engine(kind, engine)
+    except PolicyError as e:
+        p.append(str(e))
 
 
 def _check_rollout(r: RolloutSection, p: Problems) -> None:

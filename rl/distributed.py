@@ -18,8 +18,8 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-import thinkzero.model as tzmodel
 from thinkzero.rl import checkpoint as ckpt
+from thinkzero.rl.hf_policy import moe_classes
 
 T = TypeVar("T")
 
@@ -80,7 +80,8 @@ def prepare_models(accelerator, policy: nn.Module, optimizer, ref_model: nn.Modu
         # keeps the collectives in step, and DeepSpeed gives unpicked experts zero gradients.
         from deepspeed.utils import set_z3_leaf_modules
 
-        set_z3_leaf_modules(policy, [tzmodel.MoE])
+        if leaves := moe_classes(policy):  # DeepSpeed refuses a list that matches no module
+            set_z3_leaf_modules(policy, leaves)
     # Elsewhere nothing is needed for experts no token picked: each layer's experts are stacked in one tensor per
     # projection, so every rank always has a gradient (zero where unpicked) for the same parameters.
     model, optimizer = accelerator.prepare(policy, optimizer)
@@ -120,7 +121,8 @@ def partition_reference(accelerator, ref_model: nn.Module) -> nn.Module:
     config = {k: ds[k] for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                                  "train_batch_size", "bf16", "fp16") if k in ds}
     config["zero_optimization"] = zero
-    set_z3_leaf_modules(ref_model, [tzmodel.MoE])
+    if leaves := moe_classes(ref_model):  # DeepSpeed refuses a list that matches no module
+        set_z3_leaf_modules(ref_model, leaves)
     engine = deepspeed.initialize(model=ref_model, config=config)[0]
     engine.eval()  # the engine's eval() returns None, unlike nn.Module's
     return engine

@@ -17,6 +17,7 @@ from torch import nn
 from thinkzero.model.generate import SamplingParams
 from thinkzero.rl.batch import RolloutBatch
 from thinkzero.rl.config import Config
+from thinkzero.rl.hf_policy import HFCausalLM, HFGenerateEngine, check_engine
 from thinkzero.rl.rollout import rollout
 
 
@@ -62,6 +63,10 @@ class ThinkzeroEngine:
 
 def build_engine(cfg: Config, model: nn.Module, tokenizer, device: torch.device) -> RolloutEngine:
     """The engine `cfg.rollout.engine` names, sampling from `model` (the prepared, possibly wrapped, policy)."""
+    module = model.module if hasattr(model, "module") else model
+    check_engine("transformers" if isinstance(module, HFCausalLM) else "thinkzero", cfg.rollout.engine)
+    if cfg.rollout.engine == "transformers":
+        return HFGenerateEngine(model, tokenizer, device)
     if cfg.rollout.engine == "vllm":
         from thinkzero.rl.vllm_engine import VLLMEngine  # vLLM is an optional dependency
 

@@ -176,8 +176,11 @@ def score_greedy(policy, examples: list[dict], params, tokenizer, scorer, column
     """One greedy completion per example (`params` at temperature 0), scored with the training rewards `scorer`.
     Returns the values to average: "reward" (the weighted totals) and "<name>/mean" per reward function (the
     samples it could judge). `chunk` prompts per generate call."""
-    from thinkzero.model.generate import generate
+    from thinkzero.model.generate import generate as generate_ours
+    from thinkzero.rl import hf_policy
     from thinkzero.rl.batch import decode_completions
+
+    generate = hf_policy.generate if isinstance(policy, hf_policy.HFCausalLM) else generate_ours
 
     totals: dict[str, list[float]] = {"reward": [], **{f"{name}/mean": [] for name in scorer.names}}
     for s in range(0, len(examples), chunk):

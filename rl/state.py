@@ -17,11 +17,11 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-import thinkzero.model as tzmodel
 from thinkzero.rl import checkpoint as ckpt
 from thinkzero.rl.config import Config, ConfigError, config_to_dict
 from thinkzero.rl.distributed import Collectives, is_collective_failure
 from thinkzero.rl.faults import kill_point
+from thinkzero.rl.hf_policy import save_policy
 from thinkzero.rl.rollout import policy_for_sampling
 
 
@@ -149,7 +149,7 @@ def _write_checkpoint(dist: Collectives, model: nn.Module, tokenizer, cfg: Confi
     try:
         with policy_for_sampling(model) as module:  # gathers ZeRO-3 shards; a no-op otherwise
             if dist.is_main:
-                tzmodel.save_model(module, tmp)
+                save_policy(module, tmp)
                 tokenizer.save(tmp)
         torch.save(ckpt.rng_state(), tmp / f"rng_rank{rank}.pt")  # every rank's global RNGs
     except (OSError, RuntimeError, SafetensorError) as e:

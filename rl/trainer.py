@@ -36,9 +36,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import thinkzero.model as tzmodel
 from thinkzero.model.generate import SamplingParams
-from thinkzero.rl import build
+from thinkzero.rl import build, hf_policy
 from thinkzero.rl import checkpoint as ckpt
 from thinkzero.rl.advantages import group_advantages, group_reward_stats, nonconstant_groups
 from thinkzero.rl.batch import RolloutBatch, ScoredRollout, StepBatch, decode_completions
@@ -100,7 +99,7 @@ class Trainer:
         # Where to start from: a checkpoint (resume) or the configured model.
         self.resume_from, self.resume_state, notes = decide_resume(self.dist, cfg)
         self.start_notes += notes
-        self.tokenizer = tzmodel.load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path)
+        self.tokenizer = build.load_tokenizer(cfg)
         self.dtype = build.training_dtype(cfg, self.device)
         policy = build.load_policy(cfg, str(self.resume_from or cfg.model.name_or_path), self.tokenizer, self.dtype,
                                    self.device)
@@ -114,6 +113,9 @@ class Trainer:
         self.sampling = build.sampling_params(cfg, self.tokenizer, self.moe_layers)
         self._start_run(prompts.dropped)
         self.engine = build_engine(cfg, self.model, self.tokenizer, self.device)
+        if cfg.rollout.engine == "transformers":
+            self.tracker.write("rollout.engine transformers: sampling with transformers' generate, one prompt at a "
+                               "time - the slow path (rollout.engine vllm samples fast)")
 
     # ---- setup helpers ------------------------------------------------------------------------------------------
 
@@ -408,7 +410,7 @@ class Trainer:
     def update(self, step: StepBatch) -> dict[str, float]:
         """num_iterations passes over the step's batch, one optimizer step per mini-batch."""
         a, N = self.cfg.algorithm, step.rollout.completion_ids.shape[0]
-        acc = UpdateMetrics(self.moe_layers, self.policy.config.n_routed_experts or 1)
+        acc = UpdateMetrics(self.moe_layers, hf_policy.num_routed_experts(self.policy))
         skipped_before = self.skipped_updates
         for iteration in range(a.num_iterations):
             for m0 in range(0, N, self.mini_local):

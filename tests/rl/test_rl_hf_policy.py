@@ -1,14 +1,23 @@
 """Transformers models as the policy (rl.hf_policy): the forward contract ours has, shared-prefix parity in values and
-gradients, chunked log-probs, the loader's choice and its errors, and sampling through transformers' generate."""
+gradients, chunked log-probs, the loader's choice and its errors, sampling through transformers' generate, and the
+trainer on a tiny Qwen: the CPU recipe, checkpoints transformers opens, exact resume, MoE, ZeRO-3 with 2 processes."""
 
 import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
+from tiny_recipes import arithmetic_recipe, write_recipe
 
 from thinkzero.model.generate import SamplingParams
 from thinkzero.model.presets import write_random_model
 from thinkzero.model.transformer import DeepseekForCausalLM
+from thinkzero.rl.config import ConfigError, load_config
 from thinkzero.rl.hf_policy import (
     HF_PRESETS,
     HFCausalLM,
@@ -24,8 +33,10 @@ from thinkzero.rl.hf_policy import (
 )
 from thinkzero.rl.hf_policy import generate as hf_generate
 from thinkzero.rl.rollout import _unhooked_twin
+from thinkzero.rl.trainer import train
 
 transformers = pytest.importorskip("transformers")
+REWARDS = Path(__file__).with_name("rewards_for_tests.py")
 
 
 def tiny(name: str, seed: int = 0) -> HFCausalLM:
@@ -288,3 +299,115 @@ def test_greedy_generate_takes_the_policys_argmax_and_logs_its_logprobs(tmp_path
     assert torch.equal(batch.completion_ids, logits.argmax(-1))
     expected = logits.log_softmax(-1).gather(-1, batch.completion_ids[..., None])[..., 0]
     torch.testing.assert_close(batch.sampling_logprobs, expected, rtol=0, atol=1e-5)
+
+
+# ---- the trainer on a transformers policy ------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _qwen_recipe(root: Path, preset: str = "tiny_qwen2", **train) -> Path:
+    recipe = arithmetic_recipe(
+        root, 32, model={"name_or_path": str(root / "model"), "init_preset": preset, "dtype": "float32"},
+        rollout={"num_generations": 4, "prompts_per_step": 2, "max_new_tokens": 12, "engine": "transformers"},
+        rewards={"functions": [{"name": f"{REWARDS}:digit_fraction"}], "num_workers": 0},
+        algorithm={"loss_type": "dapo", "beta": 0.04},
+        optim={"lr": 1e-3},
+        train={"max_steps": 3, "output_dir": str(root / "out"), "save_every": 0, "seed": 3, **train},
+        logging={"mode": "disabled", "completions_every": 0, "console": False})
+    return write_recipe(recipe, root / "recipe.json")
+
+
+@pytest.mark.slow
+def test_tiny_qwen_recipe_trains_three_steps_through_the_train_script(tmp_path):
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "train.py"), str(ROOT / "recipes" / "tiny-qwen-cpu.yaml"),
+         "train.max_steps=3", "train.eval_every=3", f"train.output_dir={tmp_path / 'out'}",
+         f"model.name_or_path={tmp_path / 'model'}", "logging.mode=offline"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "transformers' generate" in proc.stdout and "slow path" in proc.stdout
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "policy_loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    for key in ("reward", "reward_std", "frac_reward_zero_std", "rewards/math_accuracy/mean",
+                "completions/mean_length", "completions/clipped_ratio", "kl", "entropy", "clip_ratio/region_mean",
+                "mismatch/kl", "grad_norm", "learning_rate", "timing/rollout_s", "throughput/tokens_per_s"):
+        assert key in steps[-1], key
+    assert all(r["grad_norm"] > 0 for r in steps)
+    assert [r["step"] for r in records if "eval/reward" in r] == [3]  # greedy evaluation through generate too
+    start = load_file(str(tmp_path / "model" / "model.safetensors"))
+    end = load_file(str(tmp_path / "out" / "checkpoint-000003" / "model.safetensors"))
+    assert start.keys() == end.keys()
+    assert any(not torch.equal(start[k], end[k]) for k in start), "training did not change any parameter"
+
+
+def test_checkpoint_opens_in_transformers_with_the_trained_models_logits(tmp_path):
+    trainer = train(load_config(_qwen_recipe(tmp_path)))
+    final = tmp_path / "out" / "checkpoint-000003"
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32).eval()
+    ids = torch.randint(4, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(theirs(ids).logits, trainer.policy.eval().hf(ids).logits)
+    assert isinstance(load_policy_tokenizer(final, "transformers").hf, transformers.PreTrainedTokenizerBase)
+
+
+def test_resume_on_a_transformers_policy_is_exact(tmp_path):
+    """4 steps straight == 2 steps, stop, resume: auto, 2 more steps (bitwise)."""
+    train(load_config(_qwen_recipe(tmp_path / "a", max_steps=4)))
+    split = _qwen_recipe(tmp_path / "b", max_steps=2)
+    train(load_config(split))
+    train(load_config(split, ["train.max_steps=4", "train.resume=auto"]))
+    a = load_file(str(tmp_path / "a" / "out" / "checkpoint-000004" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "out" / "checkpoint-000004" / "model.safetensors"))
+    mid = load_file(str(tmp_path / "b" / "out" / "checkpoint-000002" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(mid[k], a[k]) for k in a), "steps 3-4 changed nothing: the test proves nothing"
+
+
+def test_a_transformers_moe_policy_trains_and_reports_expert_load(tmp_path):
+    trainer = train(load_config(_qwen_recipe(tmp_path, "tiny_qwen3_moe", max_steps=2)))
+    assert trainer.moe_layers == 2
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["moe/expert_load_cv/layer0"] > 0 and r["grad_norm"] > 0 for r in records)
+
+
+def test_our_engine_for_a_transformers_model_is_a_recipe_error(tmp_path):
+    recipe = json.loads(_qwen_recipe(tmp_path).read_text())
+    recipe["rollout"]["engine"] = "thinkzero"
+    with pytest.raises(ConfigError, match="rollout.engine 'thinkzero' samples DeepSeek-V2/V3 models only"):
+        load_config(write_recipe(recipe, tmp_path / "bad.json"))
+
+
+@pytest.mark.slow
+def test_zero3_with_two_processes_learns_what_one_process_learns(tmp_path):
+    """As tests/rl/test_rl_distributed.py for our model: same tokens sampled (per-prompt streams), float rounding
+    only (measured: metrics 2e-6 relative, final weights 1.4e-5 of how far training moved them)."""
+    recipe = _qwen_recipe(tmp_path, max_steps=4)
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    env.pop("WORLD_SIZE", None)
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))
+    zero3 = ["-m", "accelerate.commands.launch", "--config_file", str(ROOT / "recipes" / "accelerate" / "zero3-cpu.yaml"),
+             "--main_process_port", str(_free_port())]
+    runs = {}
+    for name, launch in (("single", []), ("zero3", zero3)):
+        cmd = [sys.executable, *launch, str(ROOT / "scripts" / "train.py"), str(recipe),
+               f"train.output_dir={tmp_path / name}", "algorithm.micro_batch_size=2"]
+        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
+        assert proc.returncode == 0, proc.stderr[-6000:]
+        runs[name] = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    for want, have in zip(runs["single"], runs["zero3"], strict=True):
+        for key in ("reward", "policy_loss", "kl", "entropy", "grad_norm", "completions/mean_length"):
+            assert have[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), f"step {want['step']} {key}"
+    start = load_file(str(tmp_path / "model" / "model.safetensors"))
+    single, zero3 = (load_file(str(tmp_path / n / "checkpoint-000004" / "model.safetensors")) for n in runs)
+    moved = torch.sqrt(sum(((single[k] - start[k]).double() ** 2).sum() for k in start))
+    differ = torch.sqrt(sum(((single[k] - zero3[k]).double() ** 2).sum() for k in start))
+    assert moved > 1e-3 and differ < 0.02 * moved, (float(moved), float(differ))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
