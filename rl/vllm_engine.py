@@ -88,7 +88,7 @@ class VLLMEngine:
 
         module = model.module if hasattr(model, "module") else model
         dtype = _DTYPES[next(module.parameters()).dtype]
-        moe_layer_ids = [i for i, layer in enumerate(module.model.layers) if layer.is_moe]
+        moe_layer_ids = [i for i, layer in enumerate(module.model.layers) if getattr(layer, "is_moe", False)]
         backend = _executor_backend()
         # vLLM starts from the config alone (dummy weights); the policy's weights then stream in as after an update,
         # so no checkpoint is written and ZeRO-3 never gathers more than one block.
