@@ -237,7 +237,7 @@ def _check_transformers_type(path, trust_remote_code: bool) -> bool:
         import transformers
     except ImportError:
         raise PolicyError(f"{path}: model_type {model_type!r} trains through transformers, which is not installed: "
-                          "pip install transformers") from None
+                          "pip install -e '.[hf]' (or pip install transformers)") from None
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     config = json.loads((Path(path) / "config.json").read_text())

@@ -29,6 +29,13 @@ FORBIDDEN_ATTRS = {("pickle", "load"), ("pickle", "loads"), ("pickle", "Unpickle
 ALLOWED: dict[tuple[str, str], str] = {
     ("rl/checkpoint.py", "from pickle import UnpicklingError  # allowed by the security scan (tests/rl/test_rl_security.py)"):
         "the exception class a refused file raises",
+    # The recipe's model.trust_remote_code opt-in (default false; loading warns when the checkpoint's code runs).
+    ("rl/hf_policy.py", "model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=remote)"):
+        "true only when the recipe opts in and the checkpoint ships code",
+    ("rl/hf_policy.py", "return cls(AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code))"):
+        "the recipe's opt-in",
+    ("rl/hf_policy.py", "return HFTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)"):
+        "the recipe's opt-in",
 }
 
 
