@@ -12,17 +12,10 @@ averaging of DDP / DeepSpeed, so N processes take the same update as one process
 mini-batches per step, optimizer step k uses every rank's k-th slice, so the step's groups are split into optimizer
 steps differently from one process: same data per step, a different order of updates.)
 
-Sampling is seeded per prompt, not per rank: each prompt of a step draws from its own stream seeded by
-(train.seed, step, draw, the prompt's index in the global batch). A prompt therefore gets the same completions whichever
-rank holds it and however many prompts share its batch, so 1 and N processes sample the same tokens (up to float
-rounding of the logits) and a resumed run samples exactly what the straight run did, with no sampling RNG to save.
-(Dynamic sampling is the exception: ranks draw extra prompts while any rank still needs groups, so how many extra
-draws happen depends on how the groups are split.)
-
-Under ZeRO-3 the rollout gathers the parameters once and samples on a hook-free twin (rl.rollout); the reference model
-is a DeepSpeed engine partitioned like the policy (model.ref_model_on_cpu keeps it whole on the CPU instead); MoE
-blocks are ZeRO-3 "leaf" modules and every rank pads its batch to the same shapes, so all ranks issue the same
-collectives. Checkpoints hold a consolidated Hugging Face model directory plus DeepSpeed's own state for resume.
+Sampling is seeded per prompt (train.seed, step, draw, the prompt's index in the global batch; rl.engine), so 1 and N
+processes sample the same tokens and a resumed run samples exactly what the straight run did, with no sampling RNG to
+save. (Dynamic sampling is the exception: how many extra draws happen depends on how the groups are split.) Under
+ZeRO-3 every rank pads its batch to the same shapes so all ranks issue the same collectives (rl.distributed).
 """
 
 from __future__ import annotations
@@ -46,6 +39,7 @@ from thinkzero.rl.distributed import Collectives, is_collective_failure, make_ac
 from thinkzero.rl.engine import build_engine, sampling_seed
 from thinkzero.rl.evaluation import score_greedy
 from thinkzero.rl.faults import kill_point, nan_point
+from thinkzero.rl.logprobs import completion_logprobs, precompute_logprobs
 from thinkzero.rl.loss import policy_loss, rollout_correction
 from thinkzero.rl.metrics import UpdateMetrics, completion_rows, rollout_metrics
 from thinkzero.rl.optim import adamw, lr_lambda, seed_everything
@@ -357,53 +351,18 @@ class Trainer:
 
     # ---- log-probs ----------------------------------------------------------------------------------------------
 
-    def _completion_logprobs(self, module: nn.Module, rb: RolloutBatch, rows: slice, *, first_row: int | None = None,
-                             routing: bool = False, return_routing: bool = False, compute_entropy: bool = False):
-        """Log-probs of the completion tokens of the given rows under `module` (B, Tc), plus the forward output.
-        `first_row`: the index of rows' first row in the step's batch when `rb` is already a slice of it."""
-        input_ids = rb.input_ids[rows]  # (B, Tp + Tc)
-        mask = rb.attention_mask[rows]  # (B, Tp + Tc)
-        Tp = rb.prompt_ids.shape[1]
-        replay = [r[rows] for r in rb.routing] if routing and rb.routing is not None else None
-        # Rows are prompt-major (G per prompt). Cut into aligned blocks of g = gcd(G, rows) rows, every block lies
-        # within one prompt's group, so the forward computes that prompt once per block (same numbers, fewer
-        # tokens): once per group when a micro-batch holds whole groups, once per micro-batch when it holds part of one.
-        start = first_row if first_row is not None else rows.start or 0
-        g = math.gcd(self.cfg.rollout.num_generations, input_ids.shape[0])
-        share = g > 1 and start % g == 0
-        # Completion token j is predicted at position Tp - 1 + j; only those positions reach the output layer.
-        out = module(input_ids, mask, target_ids=rb.completion_ids[rows], target_start=Tp - 1,
-                     temperature=self.cfg.rollout.temperature or 1.0, routing=replay,
-                     return_routing=return_routing, compute_entropy=compute_entropy,
-                     shared_prefix=Tp if share else 0, group_size=g if share else 1)
-        return out.logprobs, out.entropy, out
+    def _completion_logprobs(self, module: nn.Module, rb: RolloutBatch, rows: slice, **kwargs):
+        """(logprobs (B, Tc), entropy, forward output) of the given rows under `module` (rl.logprobs)."""
+        return completion_logprobs(module, rb, rows, num_generations=self.cfg.rollout.num_generations,
+                                   temperature=self.cfg.rollout.temperature, **kwargs)
 
-    @torch.no_grad()
     def _precompute_logprobs(self, step: StepBatch) -> None:
-        """Old log-probs (whenever the rollout feeds more than one optimizer step) and reference log-probs
-        (beta > 0), micro-batch by micro-batch."""
-        cfg, rb = self.cfg, step.rollout
-        N = rb.completion_ids.shape[0]
-        replay = cfg.algorithm.moe.routing_replay and rb.routing is not None
-        if cfg.algorithm.num_iterations > 1 or self.mini_local < N:
-            # A forward under the current policy before the first update, not the engine's sampling log-probs: it
-            # is exact (the same computation as the update's first forward, so that ratio is exactly 1), while the
-            # sampling ones differ by float noise and by any temperature / top-p / top-k processing. With routing
-            # replay it replays the rollout's experts, as the update does.
-            old = []
-            with policy_for_sampling(self.model) as policy:
-                for s in range(0, N, self.micro):
-                    lp, _, _ = self._completion_logprobs(policy, rb, slice(s, s + self.micro), routing=replay)
-                    old.append(lp)
-            step.old_logprobs = torch.cat(old)
-        if self.ref_model is not None:
-            ref = []
-            ref_device = next(self.ref_model.parameters()).device
-            for s in range(0, N, self.micro):
-                sub = rb.to(ref_device, slice(s, s + self.micro))
-                lp, _, _ = self._completion_logprobs(self.ref_model, sub, slice(None), first_row=s)
-                ref.append(lp.to(self.device))
-            step.ref_logprobs = torch.cat(ref)
+        """Old log-probs whenever the rollout feeds more than one optimizer step; reference log-probs if beta > 0."""
+        a, N = self.cfg.algorithm, step.rollout.completion_ids.shape[0]
+        precompute_logprobs(step, self.model, self.ref_model, micro=self.micro,
+                            needs_old=a.num_iterations > 1 or self.mini_local < N,
+                            routing_replay=a.moe.routing_replay, num_generations=self.cfg.rollout.num_generations,
+                            temperature=self.cfg.rollout.temperature, device=self.device)
 
     # ---- the update ---------------------------------------------------------------------------------------------
 
