@@ -369,8 +369,13 @@ def load_policy_tokenizer(path: str | os.PathLike, kind: str, trust_remote_code:
 _TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
              num_key_value_heads=1, head_dim=32, max_position_embeddings=1024, rms_norm_eps=1e-6,
              rope_theta=10000.0, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+# w1_qwen2: model/presets.py's w1 (vocab, width, depth, heads of 32 dims) as a dense Qwen2 whose MLP is w1's dense
+# layer, for benchmarking a transformers policy against w1's workload.
+_W1 = dict(_TINY, vocab_size=300, hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
+           num_key_value_heads=8, max_position_embeddings=4096)
 HF_PRESETS: dict[str, dict] = {
     "tiny_qwen2": dict(model_type="qwen2", **_TINY),
+    "w1_qwen2": dict(model_type="qwen2", **_W1),
     "tiny_qwen3_moe": dict(model_type="qwen3_moe", moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
                            norm_topk_prob=True, **_TINY),
 }

@@ -1,6 +1,10 @@
 """Seconds per GRPO step: our trainer vs TRL's GRPOTrainer (default), or our trainer on its two rollout engines
 (`--compare vllm`: rollout.engine thinkzero vs vllm), same weights (preset w1 by default; w1_mla576 with vLLM, whose
-CPU MLA kernel takes only the 576-wide latent), same workload.
+CPU MLA kernel takes only the 576-wide latent), same workload. `--model-type qwen2` benchmarks a transformers policy
+instead: random-init preset w1_qwen2 (rl/hf_policy.py: w1's vocabulary, width, depth and heads as a dense Qwen2),
+which our trainer runs as rl/hf_policy.py's HFCausalLM (model.policy auto) and samples with rollout.engine
+transformers, since our engine samples DeepSeek models only. Both sides then sample with transformers' generate, so
+that comparison is the rest of the step plus how each drives generate.
 
 Workload: 4 prompts x G=8 completions of exactly 128 tokens (EOS cannot end a completion: we set rollout.ignore_eos,
 TRL gets min_new_tokens=128), temperature 1.0, dapo loss, beta 0.04 (k3 KL against a frozen reference copy),
@@ -12,11 +16,11 @@ median. For TRL a step is the time between consecutive `on_step_end` callbacks (
 Prints one line per framework (wall and process-CPU medians), our rollout / reward / reference log-probs / weight
 sync / update split (the trainer's own timing metrics, wall clock; weight sync is timed around the engine's
 sync_weights and taken out of the update), the ratio, and last `speedup=X.XX` (the other side's seconds per step
-over ours on our engine). On a shared CPU machine use `--threads 1 --clock cpu`: with more threads than free cores,
+over ours). On a shared CPU machine use `--threads 1 --clock cpu`: with more threads than free cores,
 OpenMP workers wait for each other on every small op and a decode step can take 10-30x longer. Needs the `bench`
 extra (trl).
-Usage: python scripts/bench_step.py [--compare trl|vllm] [--preset w1 | --model DIR] [--threads N] [--clock wall|cpu]
-       [--warmup 2] [--steps 5]
+Usage: python scripts/bench_step.py [--compare trl|vllm] [--model-type deepseek_v3|qwen2] [--preset w1 | --model DIR]
+       [--threads N] [--clock wall|cpu] [--warmup 2] [--steps 5]
 """
 
 import argparse
@@ -53,7 +57,11 @@ def digit_fraction(completion: str) -> float:
 
 def run_ours(model_dir: str, work: Path, num_steps: int, engine: str = "thinkzero") -> tuple[list[float], dict]:
     from thinkzero.rl.config import load_config
+    from thinkzero.rl.hf_policy import policy_kind
     from thinkzero.rl.trainer import Trainer
+
+    if engine == "thinkzero" and policy_kind(model_dir) == "transformers":
+        engine = "transformers"  # our engine samples DeepSeek models only
 
     data = work / "prompts.jsonl"
     data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
@@ -93,7 +101,7 @@ def run_ours(model_dir: str, work: Path, num_steps: int, engine: str = "thinkzer
         trainer.scorer.close()
         trainer.engine.close()
     prompt_tokens = len(trainer.examples[0]["prompt_ids"])
-    return times, {"splits": splits, "prompt_tokens": prompt_tokens}
+    return times, {"splits": splits, "prompt_tokens": prompt_tokens, "engine": engine}
 
 
 def _time_calls(obj, method: str) -> list[float]:
@@ -186,8 +194,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--compare", choices=("trl", "vllm"), default="trl",
                     help="trl: TRL's GRPOTrainer vs ours; vllm: our trainer on the vllm engine vs on ours")
+    ap.add_argument("--model-type", choices=("deepseek_v3", "qwen2"), default="deepseek_v3",
+                    help="which default preset: deepseek_v3 (w1, or w1_mla576 with --compare vllm; our own model and "
+                         "engine) or qwen2 (w1_qwen2: a transformers policy, sampled with transformers' generate)")
     ap.add_argument("--preset", default=None, help="model preset to build with random weights (ignored with "
-                                                  "--model); default w1, w1_mla576 with --compare vllm")
+                                                  "--model): model/presets.py's or rl/hf_policy.py's HF_PRESETS; "
+                                                  "default from --model-type")
     ap.add_argument("--model", default=None, help="a model directory (config.json + safetensors + tokenizer)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads, same for both")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
@@ -201,19 +213,25 @@ def main() -> None:
         return child(args)
     other = "trl" if args.compare == "trl" else "ours-vllm"
     if args.preset is None:
-        args.preset = "w1" if args.compare == "trl" else "w1_mla576"
+        args.preset = {"qwen2": "w1_qwen2", "deepseek_v3": "w1" if args.compare == "trl" else "w1_mla576"}[
+            args.model_type]
 
     with tempfile.TemporaryDirectory() as tmp:
-        if args.model is None:
-            from thinkzero.model.presets import write_random_model
+        from thinkzero.rl.hf_policy import policy_kind, write_random_policy
 
+        if args.model is None:
             args.model = tmp
-            write_random_model(args.preset, tmp, seed=0)
+            write_random_policy(args.preset, tmp, seed=0)
+        if args.compare == "vllm" and policy_kind(args.model) == "transformers":
+            sys.exit("--compare vllm measures vLLM against our engine, which samples DeepSeek models only")
         print(f"model={args.preset if args.model == tmp else args.model} threads={args.threads} "
               f"loadavg={os.getloadavg()[0]:.1f}/{os.cpu_count()} cores "
               f"torch={torch.__version__} workload: {PROMPTS_PER_STEP} prompts x G={NUM_GENERATIONS}, "
               f"{COMPLETION_TOKENS} completion tokens, dapo, beta={BETA}, fp32, {args.warmup} warm-up + "
               f"{args.steps} timed steps")
+        if policy_kind(args.model) == "transformers":
+            print("  a transformers policy: ours runs it with rollout.engine transformers, so both sides sample with "
+                  "transformers' generate; the ratio compares the rest of the step plus how each drives generate")
         res = {f: measure(args, f) for f in (other, "ours")}
 
     median = {}
@@ -222,8 +240,9 @@ def main() -> None:
         wall, cpu = statistics.median(t[0] for t in timed), statistics.median(t[1] for t in timed)
         median[f] = wall if args.clock == "wall" else cpu
         steps_s = " ".join(f"{t[0]:.2f}" for t in timed)
+        engine = f"rollout.engine {res[f]['engine']}; " if "engine" in res[f] else ""
         print(f"  {f:<9} {wall:7.2f} s/step wall, {cpu:7.2f} s/step CPU  (timed steps, wall: {steps_s}; "
-              f"prompt {res[f]['prompt_tokens']} tokens)")
+              f"{engine}prompt {res[f]['prompt_tokens']} tokens)")
     for f in ("ours", "ours-vllm"):
         if f in res:
             splits = res[f]["splits"][args.warmup:]
