@@ -173,6 +173,14 @@ class StopStringChecker:
             out.append(any(s in text for s in self.stop_strings))
         return out
 
+    def cut(self, ids: list[int]) -> int | None:
+        """For a finished completion (an engine that cannot stop mid-sampling): the length this engine would keep,
+        through the first token whose tail holds a stop string; None if none does."""
+        for step in range(len(ids)):
+            if self([ids[max(0, step + 1 - self.window): step + 1]])[0]:
+                return step + 1
+        return None
+
 
 # ----------------------------------------------------------------------------------------------------------
 # The engine.

@@ -74,6 +74,30 @@ class RolloutBatch:
             sampling_logprobs=_pad_width(self.sampling_logprobs, Tc, 0.0, left=False), routing=routing)
 
     @classmethod
+    def from_rows(cls, prompts: Sequence[Sequence[int]], completions: Sequence[tuple[list[int], list[float], str]],
+                  num_generations: int, pad_id: int) -> RolloutBatch:
+        """The batch of N rows from per-row results: prompts[i] (token ids) and completions[i] = (token ids,
+        sampled-token log-probs, finish reason), rows prompt-major (G = num_generations per prompt)."""
+        N = len(prompts)
+        Tp = max(len(p) for p in prompts)
+        Tc = max(1, max(len(ids) for ids, _, _ in completions))
+        prompt_ids = torch.full((N, Tp), pad_id, dtype=torch.long)
+        prompt_mask = torch.zeros((N, Tp), dtype=torch.long)
+        completion_ids = torch.full((N, Tc), pad_id, dtype=torch.long)
+        completion_mask = torch.zeros((N, Tc), dtype=torch.long)
+        sampling_logprobs = torch.zeros((N, Tc), dtype=torch.float32)
+        for i, (prompt, (ids, logprobs, _)) in enumerate(zip(prompts, completions)):
+            prompt_ids[i, Tp - len(prompt):] = torch.tensor(list(prompt))
+            prompt_mask[i, Tp - len(prompt):] = 1
+            completion_ids[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+            completion_mask[i, :len(ids)] = 1
+            sampling_logprobs[i, :len(ids)] = torch.tensor(logprobs, dtype=torch.float32)
+        return cls(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
+                   completion_mask=completion_mask, sampling_logprobs=sampling_logprobs,
+                   lengths=completion_mask.sum(dim=1), finish_reasons=[r for _, _, r in completions],
+                   group_index=torch.arange(N // num_generations).repeat_interleave(num_generations), routing=None)
+
+    @classmethod
     def cat(cls, batches: Sequence[RolloutBatch], pad_id: int) -> RolloutBatch:
         """The rows of all `batches`, in order, padded to the widest prompt and completion. Routing is kept only when
         every batch has it; group_index counts prompts across the joined batch."""

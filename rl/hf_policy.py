@@ -476,7 +476,7 @@ def generate(policy: HFCausalLM, prompts: list[list[int]], num_generations: int,
     """model.generate's job for a transformers policy (bare, in eval mode), returned as a RolloutBatch: one
     transformers `generate` call per prompt under its own seed (so a prompt's completions do not depend on the batch,
     as with our engine; seeds None: 0 for each). `decode(ids) -> str` is needed only for stop strings."""
-    from thinkzero.rl.vllm_engine import _to_batch  # the same rows -> batch step as the vLLM engine's
+    from thinkzero.rl.batch import RolloutBatch
 
     if params.stop_strings and decode is None:
         raise ValueError("generate: params.stop_strings needs a `decode(ids) -> str` callable (e.g. tokenizer.decode)")
@@ -486,7 +486,8 @@ def generate(policy: HFCausalLM, prompts: list[list[int]], num_generations: int,
         ids, logprobs = _generate_one(policy, prompt, num_generations, params, seed)
         completions += [_cut(ids[g].tolist(), logprobs[g].tolist(), params, decode) for g in range(num_generations)]
     rows = [p for p in prompts for _ in range(num_generations)]
-    return _to_batch(rows, completions, num_generations, params.pad_token_id).to(next(policy.parameters()).device)
+    return RolloutBatch.from_rows(rows, completions, num_generations, params.pad_token_id).to(
+        next(policy.parameters()).device)
 
 
 def _generate_one(policy: HFCausalLM, prompt: list[int], G: int, params, seed: int):
@@ -515,14 +516,13 @@ def _cut(ids: list[int], logprobs: list[float], params, decode) -> tuple[list[in
     """One completion through its first EOS id or first completed stop string (as model.generate ends it), with
     its finish reason. transformers pads a row after its EOS; past a stop string it kept sampling."""
     from thinkzero.model.generate import StopStringChecker
-    from thinkzero.rl.vllm_engine import _stop_cut
 
     n, reason = len(ids), "length"
     eos = [j for j, tok in enumerate(ids) if tok in params.eos_token_ids]
     if eos:
         n, reason = eos[0] + 1, "stop"
     if params.stop_strings:
-        cut = _stop_cut(ids[:n], StopStringChecker(params.stop_strings, decode))
+        cut = StopStringChecker(params.stop_strings, decode).cut(ids[:n])
         if cut is not None:
             n, reason = cut, "stop"
     return ids[:n], logprobs[:n], reason

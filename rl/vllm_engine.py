@@ -138,7 +138,7 @@ class VLLMEngine:
         outputs = self.llm.generate(requests, sampling, use_tqdm=False)
         routed = self.llm.collective_rpc(_routing_take)[0] if capture else None
         completions = [_completion(out, params, self.tokenizer) for out in outputs]
-        batch = _to_batch([r["prompt_token_ids"] for r in requests], completions, G, params.pad_token_id)
+        batch = RolloutBatch.from_rows([r["prompt_token_ids"] for r in requests], completions, G, params.pad_token_id)
         if capture:
             batch.routing = self._routing(outputs, routed, batch)
         if self.sleep_mode:  # the update runs next: give its memory back until the weights are synced
@@ -262,39 +262,10 @@ def _completion(out, params: SamplingParams, tokenizer) -> tuple[list[int], list
     logprobs = [entry[tok].logprob for tok, entry in zip(ids, c.logprobs)]
     reason = "stop" if c.finish_reason == "stop" else "length"
     if params.stop_strings:
-        cut = _stop_cut(ids, StopStringChecker(params.stop_strings, tokenizer.decode))
+        cut = StopStringChecker(params.stop_strings, tokenizer.decode).cut(ids)
         if cut is not None:
             ids, logprobs, reason = ids[:cut], logprobs[:cut], "stop"
     return ids, logprobs, reason
-
-
-def _stop_cut(ids: list[int], checker: StopStringChecker) -> int | None:
-    """Length of the completion model.generate would keep: through the first token whose tail holds a stop string."""
-    for step in range(len(ids)):
-        if checker([ids[max(0, step + 1 - checker.window): step + 1]])[0]:
-            return step + 1
-    return None
-
-
-def _to_batch(prompts: list[list[int]], completions, G: int, pad: int) -> RolloutBatch:
-    N = len(prompts)
-    Tp = max(len(p) for p in prompts)
-    Tc = max(1, max(len(ids) for ids, _, _ in completions))
-    prompt_ids = torch.full((N, Tp), pad, dtype=torch.long)
-    prompt_mask = torch.zeros((N, Tp), dtype=torch.long)
-    completion_ids = torch.full((N, Tc), pad, dtype=torch.long)
-    completion_mask = torch.zeros((N, Tc), dtype=torch.long)
-    sampling_logprobs = torch.zeros((N, Tc), dtype=torch.float32)
-    for i, (prompt, (ids, logprobs, _)) in enumerate(zip(prompts, completions)):
-        prompt_ids[i, Tp - len(prompt):] = torch.tensor(prompt)
-        prompt_mask[i, Tp - len(prompt):] = 1
-        completion_ids[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-        completion_mask[i, :len(ids)] = 1
-        sampling_logprobs[i, :len(ids)] = torch.tensor(logprobs, dtype=torch.float32)
-    return RolloutBatch(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
-                        completion_mask=completion_mask, sampling_logprobs=sampling_logprobs,
-                        lengths=completion_mask.sum(dim=1), finish_reasons=[r for _, _, r in completions],
-                        group_index=torch.arange(N // G).repeat_interleave(G), routing=None)
 
 
 # ---- run on vLLM's worker (collective_rpc) -----------------------------------------------------------------------
