@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from thinkzero.model.checkpoint import CONFIG_FILE, hf_views
+from thinkzero.model.checkpoint import CONFIG_FILE, DTYPES, hf_views
 from thinkzero.model.generate import SamplingParams, StopStringChecker
 from thinkzero.rl import checkpoint as ckpt
 from thinkzero.rl.batch import RolloutBatch
@@ -44,7 +44,7 @@ from thinkzero.rl.rollout import _is_zero3
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+_DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}  # vLLM takes the dtype by name
 
 
 def request_seed(seed: int, g: int) -> int:
@@ -87,7 +87,7 @@ class VLLMEngine:
         from vllm import LLM  # optional dependency: imported only when the recipe asks for this engine
 
         module = model.module if hasattr(model, "module") else model
-        dtype = _DTYPES[next(module.parameters()).dtype]
+        dtype = _DTYPE_NAMES[next(module.parameters()).dtype]
         moe_layer_ids = [i for i, layer in enumerate(module.model.layers) if getattr(layer, "is_moe", False)]
         backend = _executor_backend()
         # vLLM starts from the config alone (dummy weights); the policy's weights then stream in as after an update,
